@@ -1,0 +1,34 @@
+# Set-up and the two main jobs. Both create .venv on first use; re-running them reuses it.
+#   make test   run the CPU test suite (GPU tests skip themselves)
+#   make demo   train the demo model with RL on CPU
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+DEMO_CONFIG ?= configs/demo/smoke.yaml
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo lint clean
+
+venv: $(STAMP)
+
+# torch first, from the local CPU wheel; then everything else with torch pinned so no CUDA build sneaks in.
+# DS_BUILD_OPS=0: DeepSpeed installs without compiling CUDA ops.
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/lmmr1 fit -c $(DEMO_CONFIG)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lmmr1 tests benchmarks cli.py
+
+clean:
+	rm -rf $(VENV) lightning_logs runs

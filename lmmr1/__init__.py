@@ -1,0 +1,1 @@
+"""lmmr1: rule-based RL for small vision-language models."""

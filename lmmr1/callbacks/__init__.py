@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample tables, weight sync, curriculum, plots."""

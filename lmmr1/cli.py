@@ -1,0 +1,49 @@
+"""The `lmmr1` command: LightningCLI for fit/validate/test plus tool subcommands.
+
+    lmmr1 fit -c configs/demo/smoke.yaml            # train (any option overridable: --model.sampling.n 4)
+    lmmr1 fit -c configs/demo/smoke.yaml --print_config
+    lmmr1 model tiny --out models/tiny-vl           # build a tiny random Qwen2.5-VL offline
+    lmmr1 data make arith --n 256 --seed 0 --out data/arith
+    lmmr1 score --reward math --input rows.jsonl --output scored.jsonl
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from lmmr1.data.datamodule import PromptDataModule
+from lmmr1.modules.rl_module import RLModule
+
+TOOLS = {
+    "score": "lmmr1.rewards.score",
+    "serve-reward": "lmmr1.rewards.server",
+    "data": "lmmr1.data.cli",
+    "model": "lmmr1.models.cli",
+}
+
+
+class RLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+        # The prompts must be tokenized with the policy's own tokenizer / image processor: set once, used twice.
+        parser.link_arguments("model.policy.init_args.path", "data.processor_path")
+
+
+def main(args: ArgsType = None) -> int | None:
+    """Entry point of the `lmmr1` console script; `args` lets tests call it with a list."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    RLCLI(
+        RLModule,
+        PromptDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the module builds its optimizer from --model.optimizer
+        parser_kwargs={"description": __doc__},
+    )
+    return None

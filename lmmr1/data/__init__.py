@@ -1,0 +1,1 @@
+"""Data rows, prompt processing, DataModules and synthetic task generators."""

@@ -1,0 +1,1 @@
+"""Offline model builders: tiny random models for tests, the embedded mini model for the demo."""

@@ -1,0 +1,1 @@
+"""Models, the RL LightningModule, algorithms (pure functions) and the typed experience batch."""

@@ -1,0 +1,118 @@
+"""The typed batch that flows through one RL step: sampled sequences plus everything computed about them.
+
+Shape letters: B prompts, G samples per prompt, N = B*G rows, P prompt tokens, T response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmmr1.data.processor import PromptBatch, concat_images
+from lmmr1.rollout.base import Completion
+
+
+@dataclass
+class Experience:
+    input_ids: Tensor  # (N, P+T) left-padded prompt + right-padded response
+    attention_mask: Tensor  # (N, P+T)
+    response_mask: Tensor  # (N, T) float, 1 = a generated token that gets gradient
+    rollout_logprobs: Tensor  # (N, T) the engine's log-probs of the sampled tokens
+    truncated: Tensor  # (N,) bool, finish_reason == "length"
+    pixel_values: list[Tensor | None]  # (N,) per-row image patches
+    image_grid_thw: list[Tensor | None]  # (N,) per-row image grids
+    responses: list[str]  # (N,) decoded responses
+    rows: list[dict[str, Any]]  # (N,) data row of each sample's prompt
+    group_size: int  # G
+    old_logprobs: Tensor | None = None  # (N, T) policy log-probs before the update (no grad)
+    ref_logprobs: Tensor | None = None  # (N, T) reference model log-probs
+    values: Tensor | None = None  # (N, T) critic values before the update
+    rewards: Tensor | None = None  # (N,) total sequence reward
+    advantages: Tensor | None = None  # (N, T)
+    returns: Tensor | None = None  # (N, T)
+
+    @classmethod
+    def from_rollout(cls, prompts: PromptBatch, completions: list[list[Completion]], pad_id: int) -> Experience:
+        """Lay the B prompts' G completions out as N = B*G rows (group-contiguous)."""
+        group_size = len(completions[0])
+        flat = [(i, c) for i, group in enumerate(completions) for c in group]
+        index = torch.tensor([i for i, _ in flat])
+        T = max(1, max(len(c.token_ids) for _, c in flat))
+        response = torch.full((len(flat), T), pad_id, dtype=torch.long)
+        response_mask = torch.zeros(len(flat), T)
+        rollout_logprobs = torch.zeros(len(flat), T)
+        for row, (_, c) in enumerate(flat):
+            response[row, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+            response_mask[row, : len(c.token_ids)] = 1
+            rollout_logprobs[row, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        return cls(
+            input_ids=torch.cat([prompts.input_ids[index], response], dim=1),
+            attention_mask=torch.cat([prompts.attention_mask[index], response_mask.long()], dim=1),
+            response_mask=response_mask,
+            rollout_logprobs=rollout_logprobs,
+            truncated=torch.tensor([c.finish_reason == "length" for _, c in flat]),
+            pixel_values=[prompts.pixel_values[i] for i, _ in flat],
+            image_grid_thw=[prompts.image_grid_thw[i] for i, _ in flat],
+            responses=[c.text for _, c in flat],
+            rows=[prompts.rows[i] for i, _ in flat],
+            group_size=group_size,
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def select(self, index: list[int]) -> Experience:
+        """The rows at `index` (a micro-batch); tensors and lists are sliced alike."""
+        idx = torch.tensor(index, dtype=torch.long)
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = value[idx.to(value.device)]
+            elif isinstance(value, list):
+                changes[f.name] = [value[i] for i in index]
+        return replace(self, **changes)
+
+    def micro_batches(self, size: int) -> list[Experience]:
+        return [self.select(list(range(i, min(i + size, len(self))))) for i in range(0, len(self), size)]
+
+    def to(self, device: torch.device | str) -> Experience:
+        changes = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **changes)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for `Policy.logprobs` (images concatenated in row order)."""
+        pixels, grids = concat_images(self.pixel_values, self.image_grid_thw)
+        device = self.input_ids.device
+        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, response_len=self.response_len,
+                    pixel_values=None if pixels is None else pixels.to(device),
+                    image_grid_thw=None if grids is None else grids.to(device))
+
+    @classmethod
+    def concat(cls, parts: list[Experience]) -> Experience:
+        """Row-wise concatenation of rollouts of the same prompt length, right-padding responses to the longest."""
+        T = max(p.response_len for p in parts)
+
+        def cat(name: str) -> Tensor:
+            return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, T - p.response_len)) for p in parts])
+
+        return cls(
+            input_ids=cat("input_ids"),  # padded with 0: masked out by attention_mask and response_mask
+            attention_mask=cat("attention_mask"),
+            response_mask=cat("response_mask"),
+            rollout_logprobs=cat("rollout_logprobs"),
+            truncated=torch.cat([p.truncated for p in parts]),
+            pixel_values=[x for p in parts for x in p.pixel_values],
+            image_grid_thw=[x for p in parts for x in p.image_grid_thw],
+            responses=[x for p in parts for x in p.responses],
+            rows=[x for p in parts for x in p.rows],
+            group_size=parts[0].group_size,
+        )

@@ -1,0 +1,266 @@
+"""The RL LightningModule: one training step = rollout -> rewards -> advantages -> clipped policy update.
+
+It orchestrates and does no math: every formula lives in `lmmr1.modules.algorithms`, chosen by name from
+`AlgorithmConfig`. Manual optimization, so PPO epochs, micro-batches and gradient clipping are explicit.
+Run: `lmmr1 fit -c configs/demo/smoke.yaml`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lmmr1.data.processor import PromptBatch
+from lmmr1.modules.algorithm_config import AlgorithmConfig
+from lmmr1.modules.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    aggregate,
+    build_kl_controller,
+    filter_groups,
+    overlong_penalty,
+)
+from lmmr1.modules.experience import Experience
+from lmmr1.modules.policy import Policy
+from lmmr1.rewards import Reward, RewardOutput, build_reward
+from lmmr1.rollout.base import RolloutEngine, SamplingConfig
+from lmmr1.rollout.hf import HFEngine
+
+
+def _select_scores(scores: RewardOutput, rows: list[int]) -> RewardOutput:
+    return RewardOutput([scores.total[i] for i in rows], {k: [v[i] for i in rows] for k, v in scores.components.items()},
+                        scores.stats)
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+class RLModule(L.LightningModule):
+    """Actor (+ frozen reference) trained with rule-based rewards."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        reward: Reward | str = "math",
+        engine: RolloutEngine | None = None,
+        sampling: SamplingConfig | None = None,
+        algorithm: AlgorithmConfig | None = None,
+        optimizer: OptimizerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            policy: the model being trained; a frozen copy becomes the KL reference when `algorithm.kl.coef > 0`.
+            reward: a Reward object, or a spec `build_reward` understands (name, plug-in "file.py:fn", YAML path).
+            engine: rollout engine (default: Hugging Face generate on the live policy).
+            sampling: how completions are sampled (n = group size G).
+            algorithm: advantage estimator, KL, loss, clipping, PPO epochs (see README's table).
+            optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-6}} (default AdamW lr 1e-6).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["policy", "engine", "reward"])
+        self.automatic_optimization = False
+        self.policy = policy
+        self.reward = build_reward(reward)
+        self.engine = engine or HFEngine()
+        self.sampling = sampling or SamplingConfig()
+        self.algorithm = algorithm or AlgorithmConfig()
+        self.algorithm.check(has_critic=False, has_reference=True, group_size=self.sampling.n)
+        self.make_optimizer = optimizer
+        self.reference = None
+        if self.algorithm.needs_reference:
+            self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."))
+            self.reference.requires_grad_(False).eval()
+        self.kl_controller = build_kl_controller(self.algorithm.kl)
+        self.grad_clip = self.algorithm.grad_clip.build()
+
+    # ---- Lightning plumbing -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self.tokenizer = datamodule.processor.tokenizer
+        self.engine.bind(self.policy, self.tokenizer)
+        if stage == "fit" and hasattr(datamodule, "all_train_rows"):
+            self.reward.check_rows(datamodule.all_train_rows())  # uncovered datasources fail now, not mid-run
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.make_optimizer is None:
+            return torch.optim.AdamW(params, lr=1e-6)
+        return self.make_optimizer(params)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["kl_controller"] = self.kl_controller.state_dict()
+        checkpoint["grad_clip"] = self.grad_clip.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+        self.grad_clip.load_state_dict(checkpoint["grad_clip"])
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        # The reference is a frozen copy of the initial weights, rebuilt from disk; keep it out of checkpoints.
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("reference.")}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, **kwargs: Any):  # noqa: ANN201
+        missing = {k: v for k, v in super().state_dict().items() if k.startswith("reference.")}
+        return super().load_state_dict({**missing, **state_dict}, strict=strict, **kwargs)
+
+    # ---- one RL step --------------------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        algo = self.algorithm
+        exp, scores, dropped = self._rollout(batch)
+        exp = self._score_tokens(exp, scores)
+        optimizer = self.optimizers()
+        for _ in range(algo.ppo_epochs):
+            for micro in exp.micro_batches(algo.micro_batch_size):
+                loss, metrics = self._loss(micro, exp.response_mask)
+                self.manual_backward(loss)
+            clip = self.grad_clip(p for p in self.policy.parameters() if p.requires_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        kl = aggregate(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs), exp.response_mask,
+                       "token-mean") if exp.ref_logprobs is not None else torch.zeros(())
+        self.kl_controller.update(float(kl), len(exp))
+        self._log_step(exp, scores, metrics, clip, kl, dropped, time.perf_counter() - start)
+        return {"samples": self._sample_records(exp, scores)}
+
+    def _generate(self, batch: PromptBatch, seed: int) -> tuple[Experience, RewardOutput]:
+        completions = self.engine.generate(batch, self.sampling, seed=seed)
+        exp = Experience.from_rollout(batch, completions, self.tokenizer.pad_token_id).to(self.device)
+        return exp, self.reward(exp.responses, exp.rows)
+
+    def _rollout(self, batch: PromptBatch) -> tuple[Experience, RewardOutput, int]:
+        """Sample G completions per prompt and score them. With dynamic sampling (DAPO, arXiv:2503.14476), groups whose
+        rewards are all equal carry no signal: their prompts are re-sampled up to `max_extra_rounds` times, then
+        dropped. Returns the experience, its scores and the number of dropped prompts."""
+        G, seed = self.sampling.n, self.sampling.seed * 1_000_003 + self.global_step
+        exp, scores = self._generate(batch, seed)
+        if not self.algorithm.dynamic_sampling.enabled:
+            return exp, scores, 0
+        kept: list[tuple[Experience, RewardOutput]] = []
+        for extra in range(self.algorithm.dynamic_sampling.max_extra_rounds + 1):
+            if extra:
+                exp, scores = self._generate(batch, seed + 7919 * extra)
+            keep = filter_groups(torch.tensor(scores.total), G).tolist()
+            rows = [g * G + j for g, k in enumerate(keep) if k for j in range(G)]
+            if rows:
+                kept.append((exp.select(rows), _select_scores(scores, rows)))
+            batch = batch.select([g for g, k in enumerate(keep) if not k])
+            if not len(batch):
+                break
+        if not kept:  # nothing to learn from: train on the last batch anyway (its advantages are all zero)
+            return exp, scores, 0
+        merged = RewardOutput([t for _, s in kept for t in s.total],
+                              {k: [v for _, s in kept for v in s.components[k]] for k in kept[0][1].components},
+                              kept[0][1].stats)
+        return Experience.concat([e for e, _ in kept]), merged, len(batch)
+
+    @torch.no_grad()
+    def _score_tokens(self, exp: Experience, scores: RewardOutput) -> Experience:
+        """Old/reference log-probs, KL-in-reward, overlong penalty and advantages for the whole batch."""
+        algo = self.algorithm
+        exp.old_logprobs = torch.cat([self.policy.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
+                                      for m in exp.micro_batches(algo.micro_batch_size)])
+        if self.reference is not None:
+            exp.ref_logprobs = torch.cat([self.reference.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
+                                          for m in exp.micro_batches(algo.micro_batch_size)])
+        rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
+        if algo.overlong.buffer > 0:
+            rewards = rewards + overlong_penalty(exp.response_mask.sum(-1), max_new_tokens=self.sampling.max_new_tokens,
+                                                 buffer=algo.overlong.buffer, factor=algo.overlong.factor)
+        if algo.overlong.mask_truncated:
+            exp.response_mask = exp.response_mask * (~exp.truncated).unsqueeze(-1).float()
+        token_rewards = None
+        if algo.kl.placement == "reward" and exp.ref_logprobs is not None:
+            kl = KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs)
+            token_rewards = -self.kl_controller.coef * kl * exp.response_mask
+        exp.rewards = rewards
+        exp.advantages, exp.returns = ADVANTAGE_ESTIMATORS[algo.advantage](
+            rewards, exp.response_mask, group_size=exp.group_size, token_rewards=token_rewards,
+            gamma=algo.gamma, lam=algo.lam)
+        return exp
+
+    @property
+    def _temperature(self) -> float:
+        return self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+
+    def _loss(self, micro: Experience, full_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Policy loss (+ KL, - entropy) of one micro-batch, scaled by its share of the batch so that accumulated
+        gradients equal the full-batch gradient."""
+        algo = self.algorithm
+        logprobs, entropy = self.policy.logprobs(**micro.model_inputs(), temperature=self._temperature)
+        mask = micro.response_mask
+        loss, metrics = POLICY_LOSSES[algo.loss.name](logprobs, micro.old_logprobs, micro.advantages, mask,
+                                                      **algo.loss.kwargs())
+        agg = dict(mode=algo.loss.aggregation, max_len=algo.loss.max_len)
+        if algo.kl.placement == "loss" and micro.ref_logprobs is not None:
+            kl = KL_ESTIMATORS[algo.kl.estimator](logprobs, micro.ref_logprobs)
+            loss = loss + self.kl_controller.coef * aggregate(kl, mask, **agg)
+        entropy_mean = aggregate(entropy.detach(), mask, "token-mean")
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * aggregate(entropy, mask, **agg)
+        if algo.loss.aggregation == "token-mean":
+            share = mask.sum() / full_mask.sum().clamp(min=1)
+        else:
+            share = torch.tensor(len(micro) / full_mask.shape[0], device=mask.device)
+        metrics = {**metrics, "policy_loss": loss.detach(), "entropy": entropy_mean}
+        return loss * share, metrics
+
+    def _log_step(self, exp, scores, metrics, clip, kl, dropped, seconds) -> None:  # noqa: ANN001
+        mask = exp.response_mask
+        gap = ((exp.rollout_logprobs - exp.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+        logs = {
+            "train/reward/total": _nanmean(scores.total),
+            **{f"train/reward/{k}": _nanmean(v) for k, v in scores.components.items()},
+            **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()},
+            **{f"train/{k}": v.float() for k, v in metrics.items()},
+            **{f"train/{k}": v.float() for k, v in clip.items()},
+            "train/kl": kl.float(),
+            "train/kl_coef": float(self.kl_controller.coef),
+            "train/advantage_abs_mean": aggregate(exp.advantages.abs(), mask, "token-mean"),
+            "rollout/response_len_mean": mask.sum(-1).float().mean(),
+            "rollout/truncated_frac": exp.truncated.float().mean(),
+            "rollout/logprob_gap": gap,
+            "rollout/dropped_groups": float(dropped),
+            "train/step_time": seconds,
+        }
+        self.log_dict(logs, batch_size=len(exp))
+        self.log("reward", logs["train/reward/total"], prog_bar=True, logger=False, batch_size=len(exp))
+        if "train/reward/accuracy" in logs:
+            self.log("acc", logs["train/reward/accuracy"], prog_bar=True, logger=False, batch_size=len(exp))
+        self.log("kl", logs["train/kl"], prog_bar=True, logger=False, batch_size=len(exp))
+        self.log("s/step", seconds, prog_bar=True, logger=False, batch_size=len(exp))
+
+    def _sample_records(self, exp: Experience, scores: RewardOutput) -> list[dict[str, Any]]:
+        """Per-sample rows for the sample table callback (plain Python values)."""
+        first = exp.response_mask.argmax(-1)
+        advantages = exp.advantages.gather(1, first.unsqueeze(1)).squeeze(1).tolist()
+        return [{"datasource": row.get("datasource"), "answer": row.get("answer"), "where": row.get("_where"),
+                 "response": response, "reward": scores.total[i], "advantage": advantages[i],
+                 "rewards": {k: v[i] for k, v in scores.components.items() if v[i] == v[i]}}
+                for i, (row, response) in enumerate(zip(exp.rows, exp.responses))]
+
+    # ---- validation: greedy decoding, scored with the same reward -----------------------------------------------
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
+                                  stop=self.sampling.stop)
+        completions = self.engine.generate(batch, sampling, seed=0)
+        responses = [group[0].text for group in completions]
+        scores = self.reward(responses, batch.rows)
+        names = self.trainer.datamodule.val
+        prefix = f"val/{names[dataloader_idx].label}" if dataloader_idx < len(names) else "val"
+        logs = {f"{prefix}/reward": _nanmean(scores.total),
+                **{f"{prefix}/{k}": _nanmean(v) for k, v in scores.components.items()},
+                f"{prefix}/response_len": sum(len(g[0].token_ids) for g in completions) / len(completions)}
+        self.log_dict(logs, batch_size=len(batch), add_dataloader_idx=False)
+
+    def on_fit_end(self) -> None:
+        self.reward.close()
+

@@ -1,0 +1,78 @@
+"""The rollout-engine protocol: prompts in, n sampled completions per prompt out.
+
+Engines know nothing about rewards or losses. The HF engine generates with the live policy; a vLLM engine holds its
+own copy of the weights and receives them through `update_weights` (callbacks call these around training).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from lmmr1.data.processor import PromptBatch
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled."""
+
+    n: int = 4
+    """Completions per prompt (the group size G)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    max_new_tokens: int = 64
+    """Longest response; longer ones end with finish_reason 'length'."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings besides the end-of-turn token."""
+    seed: int = 0
+    """Base seed; each call mixes in the training step, so a rerun reproduces the same rollouts."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--model.sampling.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"--model.sampling.temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--model.sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One sampled response."""
+
+    token_ids: list[int]
+    """Response tokens, including the end-of-turn token when the model produced it."""
+    text: str
+    """Decoded response without special tokens."""
+    logprobs: list[float]
+    """Engine log-probability of each sampled token (temperature-scaled distribution)."""
+    finish_reason: str
+    """'stop' (end-of-turn token or stop string) or 'length' (hit max_new_tokens)."""
+
+
+class RolloutEngine(ABC):
+    """Generates completions; weight sync and memory hand-over are no-ops unless the engine holds its own copy."""
+
+    def bind(self, policy, tokenizer) -> None:  # noqa: ANN001 - Policy / tokenizer, kept untyped to avoid a cycle
+        """Attach the policy and tokenizer once the LightningModule is set up."""
+        self.policy, self.tokenizer = policy, tokenizer
+
+    @abstractmethod
+    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, seed: int = 0) -> list[list[Completion]]:
+        """Return `sampling.n` completions for each of the B prompts, as B lists in prompt order."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Load new policy weights into the engine."""
+
+    def sleep(self) -> None:
+        """Release engine memory while the trainer runs."""
+
+    def wake(self) -> None:
+        """Re-acquire engine memory before a rollout."""
