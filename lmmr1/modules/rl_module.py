@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
+from transformers import AutoTokenizer
 
 from lmmr1.data.processor import PromptBatch
 from lmmr1.modules.algorithm_config import AlgorithmConfig
@@ -83,9 +84,9 @@ class RLModule(L.LightningModule):
 
     # ---- Lightning plumbing -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        self.tokenizer = datamodule.processor.tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy.path, padding_side="left")
         self.engine.bind(self.policy, self.tokenizer)
+        datamodule = self.trainer.datamodule
         if stage == "fit" and hasattr(datamodule, "all_train_rows"):
             self.reward.check_rows(datamodule.all_train_rows())  # uncovered datasources fail now, not mid-run
 
@@ -254,8 +255,8 @@ class RLModule(L.LightningModule):
         completions = self.engine.generate(batch, sampling, seed=0)
         responses = [group[0].text for group in completions]
         scores = self.reward(responses, batch.rows)
-        names = self.trainer.datamodule.val
-        prefix = f"val/{names[dataloader_idx].label}" if dataloader_idx < len(names) else "val"
+        names = getattr(self.trainer.datamodule, "val", [])
+        prefix = f"val/{names[dataloader_idx].label}" if dataloader_idx < len(names) else f"val/{dataloader_idx}"
         logs = {f"{prefix}/reward": _nanmean(scores.total),
                 **{f"{prefix}/{k}": _nanmean(v) for k, v in scores.components.items()},
                 f"{prefix}/response_len": sum(len(g[0].token_ids) for g in completions) / len(completions)}
