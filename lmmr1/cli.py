@@ -15,7 +15,7 @@ import sys
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from lmmr1.data.datamodule import PromptDataModule
+from lmmr1.data.datamodule import CurriculumDataModule
 from lmmr1.modules.rl_module import RLModule
 
 TOOLS = {
@@ -40,7 +40,7 @@ def main(args: ArgsType = None) -> int | None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     RLCLI(
         RLModule,
-        PromptDataModule,
+        CurriculumDataModule,
         args=argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module builds its optimizer from --model.optimizer

@@ -5,7 +5,13 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
-from lmmr1.data.datamodule import BlendedSampler
+import pytest
+
+from lmmr1.data.datamodule import CurriculumSampler
+
+
+def BlendedSampler(sizes, probs, seed, start=0):  # noqa: N802 - a one-stage curriculum is a plain blend
+    return CurriculumSampler([[(d, n, p) for d, (n, p) in enumerate(zip(sizes, probs))]], [None], 4, seed, start)
 
 
 def _take(sampler: BlendedSampler, n: int) -> list[tuple[int, int, int]]:
@@ -32,3 +38,22 @@ def test_resume_from_position_continues_the_same_stream():
     full = _take(BlendedSampler([4, 9], [1.0, 2.0], seed=1), 40)
     resumed = _take(BlendedSampler([4, 9], [1.0, 2.0], seed=1, start=17), 23)
     assert resumed == full[17:]
+
+
+def test_curriculum_switches_exactly_at_the_configured_step():
+    # stage 0: dataset 0 for 3 steps of 4 prompts; stage 1: datasets 1 and 2
+    sampler = CurriculumSampler([[(0, 10, 1.0)], [(1, 5, 1.0), (2, 5, 1.0)]], [3, None], batch_size=4, seed=0)
+    stream = _take(sampler, 40)
+    assert {d for d, _, p in stream if p < 12} == {0}
+    assert {d for d, _, p in stream if p >= 12} == {1, 2}
+    assert sampler.stage_at(2) == 0 and sampler.stage_at(3) == 1 and sampler.stage_at(10**6) == 1
+
+
+def test_annealing_mixes_the_next_stage_in_before_the_boundary():
+    sampler = CurriculumSampler([[(0, 50, 1.0)], [(1, 50, 1.0)]], [10, None], batch_size=500, seed=0, anneal_steps=4)
+    stream = _take(sampler, 500 * 12)
+    share = [sum(d == 1 for d, _, p in stream if p // 500 == step) / 500 for step in range(12)]
+    assert share[:6] == [0.0] * 6  # before the anneal window: stage 0 only
+    # inside the window (steps 6..9) the next stage's share rises 1/5, 2/5, 3/5, 4/5
+    assert share[6:10] == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=0.07)
+    assert share[10:] == [1.0, 1.0]  # after the boundary: stage 1 only
