@@ -10,9 +10,29 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_model(path: str, dtype: str, attn_implementation: str = "sdpa", flag: str = "--model.policy") -> nn.Module:
+    """Load a local model folder with the Auto class its config calls for (image-text-to-text or causal LM)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"{flag}.dtype: unknown {dtype!r}; choose from {sorted(_DTYPES)}")
+    if not Path(path).is_dir():
+        raise ValueError(f"{flag}.path: {path!r} is not a folder (run `lmmr1 model tiny --out {path}`?)")
+    config = AutoConfig.from_pretrained(path)
+    model_class = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return model_class.from_pretrained(path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+
+
+def apply_freeze(model: nn.Module, prefixes: list[str], flag: str = "--model.policy") -> None:
+    """Turn off gradients for parameters whose names match `prefixes`; an unmatched prefix is a config error."""
+    if prefixes and not any(_matches(n, prefixes) for n, _ in model.named_parameters()):
+        raise ValueError(f"{flag}.freeze: {prefixes} matches no parameter")
+    for name, param in model.named_parameters():
+        param.requires_grad_(not _matches(name, prefixes))
 
 
 def _matches(name: str, prefixes: list[str]) -> bool:
@@ -31,6 +51,7 @@ class Policy(nn.Module):
         freeze: list[str] | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
+        logprob_chunk: int = 256,
     ) -> None:
         """
         Args:
@@ -39,22 +60,14 @@ class Policy(nn.Module):
             freeze: parameter-name prefixes that get no gradient, e.g. ["visual."] for the vision tower.
             gradient_checkpointing: recompute activations in backward to save memory.
             attn_implementation: "sdpa" (CPU and GPU) or "flash_attention_2" (GPU, flash-attn installed).
+            logprob_chunk: response positions per LM-head chunk; the (N, chunk, vocab) logits of one chunk are the
+                only ones alive at a time (recomputed in backward). 0 = all positions at once.
         """
         super().__init__()
-        if dtype not in _DTYPES:
-            raise ValueError(f"--model.policy.dtype: unknown {dtype!r}; choose from {sorted(_DTYPES)}")
-        if not Path(path).is_dir():
-            raise ValueError(f"--model.policy.path: {path!r} is not a folder (run `lmmr1 model tiny --out {path}`?)")
-        self.path = path
-        config = AutoConfig.from_pretrained(path)
-        model_class = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-        self.model = model_class.from_pretrained(path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+        self.path, self.dtype, self.logprob_chunk = path, dtype, logprob_chunk
+        self.model = load_hf_model(path, dtype, attn_implementation)
         self.freeze = list(freeze or [])
-        frozen = [n for n, p in self.model.named_parameters() if _matches(n, self.freeze)]
-        if self.freeze and not frozen:
-            raise ValueError(f"--model.policy.freeze: {self.freeze} matches no parameter of {path}")
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(not _matches(name, self.freeze))
+        apply_freeze(self.model, self.freeze)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -82,14 +95,26 @@ class Policy(nn.Module):
         Returns:
             (logprobs, entropy), each (N, T), float32.
         """
-        extra = {}
-        if pixel_values is not None:
-            extra = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=response_len + 1,
-                         use_cache=False, **extra)
-        logits = out.logits[:, :-1].float() / temperature  # position t predicts token t+1
-        logp_all = torch.log_softmax(logits, dim=-1)  # (N, T, V)
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        states = hidden.last_hidden_state[:, -response_len - 1 : -1]  # position t predicts token t+1
         targets = input_ids[:, -response_len:]
-        logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logprobs, entropy
+        head = self.model.get_output_embeddings()
+        chunk = self.logprob_chunk or response_len
+        pieces = []
+        for start in range(0, response_len, chunk):
+            args = (states[:, start : start + chunk], targets[:, start : start + chunk], head.weight, temperature)
+            if torch.is_grad_enabled() and states.requires_grad:
+                pieces.append(checkpoint(_token_stats, *args, use_reentrant=False))
+            else:
+                pieces.append(_token_stats(*args))
+        return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+
+
+def _token_stats(states: Tensor, targets: Tensor, head_weight: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-prob of each target token and the entropy of its distribution, from hidden states via the LM head."""
+    logits = (states @ head_weight.T).float() / temperature  # (N, t, V)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy

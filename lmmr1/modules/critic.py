@@ -1,0 +1,62 @@
+"""The critic for PPO with GAE: the policy's backbone (initialised from the same weights) plus a scalar value head."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lmmr1.modules.policy import apply_freeze, load_hf_model
+
+
+class Critic(nn.Module):
+    """Per-token values V(s_t) of response positions, from a separately trained copy of the policy's backbone."""
+
+    def __init__(
+        self,
+        path: str,
+        dtype: str = "float32",
+        freeze: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        lr: float | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        """
+        Args:
+            path: model folder to initialise the backbone from (normally the policy's).
+            dtype: float32 | bfloat16 | float16 for the backbone weights; the value head stays float32.
+            freeze: parameter-name prefixes that get no gradient (e.g. ["visual."]).
+            gradient_checkpointing: recompute activations in backward to save memory.
+            lr: the critic's own learning rate (a separate optimizer parameter group); None = the policy's.
+        """
+        super().__init__()
+        full = load_hf_model(path, dtype, attn_implementation, flag="--model.critic")
+        self.backbone = full.model  # the decoder (and vision tower) without the LM head
+        self.backbone.config.use_cache = False
+        hidden = full.config.get_text_config().hidden_size
+        del full
+        apply_freeze(self.backbone, list(freeze or []), flag="--model.critic")
+        if gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # small values at start (as OpenRLHF)
+        nn.init.zeros_(self.value_head.bias)
+        self.lr = lr
+
+    def values(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_len: int,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+    ) -> Tensor:
+        """(N, P+T) sequences -> (N, T) float32 values; position t scores the state before response token t."""
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        states = hidden.last_hidden_state[:, -response_len - 1 : -1]
+        return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def param_group(self) -> dict:
+        group: dict = {"params": [p for p in self.parameters() if p.requires_grad]}
+        if self.lr is not None:
+            group["lr"] = self.lr
+        return group
