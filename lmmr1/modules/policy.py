@@ -6,6 +6,7 @@ same class serves as the frozen reference model.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +42,20 @@ def _matches(name: str, prefixes: list[str]) -> bool:
     return any(("." + prefix) in dotted for prefix in prefixes)
 
 
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft (arXiv:2106.09685); only adapter weights train."""
+
+    rank: int = 8
+    """Adapter rank r."""
+    alpha: int = 16
+    """Scaling numerator: updates are scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module-name suffixes that get adapters (e.g. add gate_proj, up_proj, down_proj for the MLPs)."""
+
+
 class Policy(nn.Module):
     """A local Hugging Face model folder loaded for RL (no hub access)."""
 
@@ -52,6 +67,7 @@ class Policy(nn.Module):
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
         logprob_chunk: int = 256,
+        lora: LoraSettings | None = None,
     ) -> None:
         """
         Args:
@@ -62,14 +78,34 @@ class Policy(nn.Module):
             attn_implementation: "sdpa" (CPU and GPU) or "flash_attention_2" (GPU, flash-attn installed).
             logprob_chunk: response positions per LM-head chunk; the (N, chunk, vocab) logits of one chunk are the
                 only ones alive at a time (recomputed in backward). 0 = all positions at once.
+            lora: train LoRA adapters instead of the full weights (None = full fine-tuning).
         """
         super().__init__()
         self.path, self.dtype, self.logprob_chunk = path, dtype, logprob_chunk
         self.model = load_hf_model(path, dtype, attn_implementation)
         self.freeze = list(freeze or [])
         apply_freeze(self.model, self.freeze)
+        self.lora = lora
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            # peft injects adapters into self.model in place; the wrapper is kept only for merging at export
+            self._peft = [get_peft_model(self.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                                                lora_dropout=lora.dropout,
+                                                                target_modules=lora.target_modules))]
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def settings(self) -> dict:
+        """What rebuilds this policy (stored in checkpoints so `lmmr1 model export` can load them)."""
+        return {"path": self.path, "dtype": self.dtype, "freeze": self.freeze,
+                "lora": None if self.lora is None else asdict(self.lora)}
+
+    def merged_model(self) -> nn.Module:
+        """The HF model with LoRA adapters folded into the base weights (the model itself without LoRA)."""
+        if self.lora is None:
+            return self.model
+        return self._peft[0].merge_and_unload()
 
     @property
     def is_multimodal(self) -> bool:

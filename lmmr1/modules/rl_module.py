@@ -97,6 +97,7 @@ class RLModule(L.LightningModule):
         return self.make_optimizer(params)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["policy_settings"] = self.policy.settings()
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
         checkpoint["grad_clip"] = self.grad_clip.state_dict()
 
