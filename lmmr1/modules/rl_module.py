@@ -8,6 +8,7 @@ Run: `lmmr1 fit -c configs/demo/smoke.yaml`.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -27,6 +28,7 @@ from lmmr1.modules.algorithms import (
     filter_groups,
     overlong_penalty,
 )
+from lmmr1.modules.evaluation import EvalConfig, greedy_metrics, pass_metrics
 from lmmr1.modules.experience import Experience
 from lmmr1.modules.policy import Policy
 from lmmr1.rewards import Reward, RewardOutput, build_reward
@@ -37,11 +39,6 @@ from lmmr1.rollout.hf import HFEngine
 def _select_scores(scores: RewardOutput, rows: list[int]) -> RewardOutput:
     return RewardOutput([scores.total[i] for i in rows], {k: [v[i] for i in rows] for k, v in scores.components.items()},
                         scores.stats)
-
-
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 class RLModule(L.LightningModule):
@@ -55,6 +52,7 @@ class RLModule(L.LightningModule):
         sampling: SamplingConfig | None = None,
         algorithm: AlgorithmConfig | None = None,
         optimizer: OptimizerCallable | None = None,
+        evaluation: EvalConfig | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +62,7 @@ class RLModule(L.LightningModule):
             sampling: how completions are sampled (n = group size G).
             algorithm: advantage estimator, KL, loss, clipping, PPO epochs (see README's table).
             optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-6}} (default AdamW lr 1e-6).
+            evaluation: validation decoding (greedy accuracy always; pass@k with n > 1 samples).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "engine", "reward"])
@@ -75,6 +74,7 @@ class RLModule(L.LightningModule):
         self.algorithm = algorithm or AlgorithmConfig()
         self.algorithm.check(has_critic=False, has_reference=True, group_size=self.sampling.n)
         self.make_optimizer = optimizer
+        self.evaluation = evaluation or EvalConfig()
         self.reference = None
         if self.algorithm.needs_reference:
             self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."))
@@ -219,8 +219,8 @@ class RLModule(L.LightningModule):
         mask = exp.response_mask
         gap = ((exp.rollout_logprobs - exp.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
         logs = {
-            "train/reward/total": _nanmean(scores.total),
-            **{f"train/reward/{k}": _nanmean(v) for k, v in scores.components.items()},
+            "train/reward/total": sum(scores.total) / len(scores.total),
+            **{f"train/reward/{k}": v for k, v in scores.component_means().items()},
             **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()},
             **{f"train/{k}": v.float() for k, v in metrics.items()},
             **{f"train/{k}": v.float() for k, v in clip.items()},
@@ -249,19 +249,23 @@ class RLModule(L.LightningModule):
                  "rewards": {k: v[i] for k, v in scores.components.items() if v[i] == v[i]}}
                 for i, (row, response) in enumerate(zip(exp.rows, exp.responses))]
 
-    # ---- validation: greedy decoding, scored with the same reward -----------------------------------------------
+    # ---- validation: the same engine and reward, greedy accuracy + pass@k ----------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
-                                  stop=self.sampling.stop)
-        completions = self.engine.generate(batch, sampling, seed=0)
-        responses = [group[0].text for group in completions]
-        scores = self.reward(responses, batch.rows)
         names = getattr(self.trainer.datamodule, "val", [])
         prefix = f"val/{names[dataloader_idx].label}" if dataloader_idx < len(names) else f"val/{dataloader_idx}"
-        logs = {f"{prefix}/reward": _nanmean(scores.total),
-                **{f"{prefix}/{k}": _nanmean(v) for k, v in scores.components.items()},
-                f"{prefix}/response_len": sum(len(g[0].token_ids) for g in completions) / len(completions)}
-        self.log_dict(logs, batch_size=len(batch), add_dataloader_idx=False)
+        greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
+                                stop=self.sampling.stop)
+        completions = [g[0] for g in self.engine.generate(batch, greedy, seed=0)]
+        scores = self.reward([c.text for c in completions], batch.rows)
+        metrics = greedy_metrics(scores, [len(c.token_ids) for c in completions], batch.rows)
+        if self.evaluation.n > 1:
+            sampled = replace(greedy, n=self.evaluation.n, temperature=self.evaluation.temperature)
+            groups = self.engine.generate(batch, sampled, seed=batch_idx)
+            rows = [row for row in batch.rows for _ in range(self.evaluation.n)]
+            sample_scores = self.reward([c.text for g in groups for c in g], rows)
+            metrics.update(pass_metrics(sample_scores, self.evaluation.n, self.evaluation.k))
+        for name, (value, count) in metrics.items():  # weighted by count: exact means over the whole set
+            self.log(f"{prefix}/{name}", value, batch_size=count, add_dataloader_idx=False)
 
     def on_fit_end(self) -> None:
         self.reward.close()
