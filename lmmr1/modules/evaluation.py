@@ -63,8 +63,9 @@ def greedy_metrics(scores: RewardOutput, lengths: Sequence[int], rows: Sequence[
         groups[f"{row.get('datasource') or 'unknown'}/"].append(i)
     metrics = {}
     for prefix, index in groups.items():
-        series = {"accuracy": [correct[i] for i in index], "reward": [scores.total[i] for i in index],
-                  **{name: [values[i] for i in index] for name, values in scores.components.items()}}
+        series = {**{name: [values[i] for i in index] for name, values in scores.components.items()},
+                  "accuracy": [correct[i] for i in index],  # accuracy or solved, whichever applies to the row
+                  "reward": [scores.total[i] for i in index]}
         if prefix == "":
             series["response_len"] = [float(lengths[i]) for i in index]
         for name, values in series.items():
