@@ -5,6 +5,7 @@
     lmmr1 model tiny --out models/tiny-vl           # build a tiny random Qwen2.5-VL offline
     lmmr1 data make arith --n 256 --seed 0 --out data/arith
     lmmr1 score --reward math --input rows.jsonl --output scored.jsonl
+    lmmr1 plot runs/smoke                            # PNG curves from the run's metrics.csv
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TOOLS = {
     "serve-reward": "lmmr1.rewards.server",
     "data": "lmmr1.data.cli",
     "model": "lmmr1.models.cli",
+    "plot": "lmmr1.plots",
 }
 
 
