@@ -12,7 +12,7 @@ class Critic(nn.Module):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         dtype: str = "float32",
         freeze: list[str] | None = None,
         gradient_checkpointing: bool = False,
@@ -21,25 +21,35 @@ class Critic(nn.Module):
     ) -> None:
         """
         Args:
-            path: model folder to initialise the backbone from (normally the policy's).
+            path: model folder to initialise the backbone from; None = the policy's (filled in by the RLModule).
             dtype: float32 | bfloat16 | float16 for the backbone weights; the value head stays float32.
             freeze: parameter-name prefixes that get no gradient (e.g. ["visual."]).
             gradient_checkpointing: recompute activations in backward to save memory.
             lr: the critic's own learning rate (a separate optimizer parameter group); None = the policy's.
         """
         super().__init__()
-        full = load_hf_model(path, dtype, attn_implementation, flag="--model.critic")
+        self.settings = dict(dtype=dtype, freeze=list(freeze or []), gradient_checkpointing=gradient_checkpointing,
+                             attn_implementation=attn_implementation)
+        self.lr, self.path = lr, path
+        self.backbone: nn.Module | None = None
+        if path is not None:
+            self.build(path)
+
+    def build(self, path: str) -> None:
+        """Load the backbone from `path` and attach a fresh value head."""
+        dtype, freeze = self.settings["dtype"], self.settings["freeze"]
+        full = load_hf_model(path, dtype, self.settings["attn_implementation"], flag="--model.critic")
+        self.path = path
         self.backbone = full.model  # the decoder (and vision tower) without the LM head
         self.backbone.config.use_cache = False
         hidden = full.config.get_text_config().hidden_size
         del full
-        apply_freeze(self.backbone, list(freeze or []), flag="--model.critic")
-        if gradient_checkpointing:
+        apply_freeze(self.backbone, freeze, flag="--model.critic")
+        if self.settings["gradient_checkpointing"]:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.value_head = nn.Linear(hidden, 1)
         nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # small values at start (as OpenRLHF)
         nn.init.zeros_(self.value_head.bias)
-        self.lr = lr
 
     def values(
         self,

@@ -37,7 +37,7 @@ def apply_freeze(model: nn.Module, prefixes: list[str], flag: str = "--model.pol
 
 
 def _matches(name: str, prefixes: list[str]) -> bool:
-    """True if a dotted component sequence of `name` starts with one of `prefixes` ("visual." matches "model.visual.x")."""
+    """True if a dotted part of `name` starts with one of `prefixes` ("visual." matches "model.visual.x")."""
     dotted = "." + name
     return any(("." + prefix) in dotted for prefix in prefixes)
 
@@ -82,7 +82,7 @@ class Policy(nn.Module):
         """
         super().__init__()
         self.path, self.dtype, self.logprob_chunk = path, dtype, logprob_chunk
-        self.model = load_hf_model(path, dtype, attn_implementation)
+        self.model = load_hf_model(path, dtype, attn_implementation).train()  # from_pretrained returns eval mode
         self.freeze = list(freeze or [])
         apply_freeze(self.model, self.freeze)
         self.lora = lora

@@ -27,7 +27,9 @@ from lmmr1.modules.algorithms import (
     build_kl_controller,
     filter_groups,
     overlong_penalty,
+    value_loss,
 )
+from lmmr1.modules.critic import Critic
 from lmmr1.modules.evaluation import EvalConfig, greedy_metrics, pass_metrics
 from lmmr1.modules.experience import Experience
 from lmmr1.modules.policy import Policy
@@ -37,8 +39,8 @@ from lmmr1.rollout.hf import HFEngine
 
 
 def _select_scores(scores: RewardOutput, rows: list[int]) -> RewardOutput:
-    return RewardOutput([scores.total[i] for i in rows], {k: [v[i] for i in rows] for k, v in scores.components.items()},
-                        scores.stats)
+    components = {k: [v[i] for i in rows] for k, v in scores.components.items()}
+    return RewardOutput([scores.total[i] for i in rows], components, scores.stats)
 
 
 class RLModule(L.LightningModule):
@@ -53,6 +55,7 @@ class RLModule(L.LightningModule):
         algorithm: AlgorithmConfig | None = None,
         optimizer: OptimizerCallable | None = None,
         evaluation: EvalConfig | None = None,
+        critic: Critic | None = None,
     ) -> None:
         """
         Args:
@@ -63,16 +66,21 @@ class RLModule(L.LightningModule):
             algorithm: advantage estimator, KL, loss, clipping, PPO epochs (see README's table).
             optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-6}} (default AdamW lr 1e-6).
             evaluation: validation decoding (greedy accuracy always; pass@k with n > 1 samples).
+            critic: value model for `advantage: gae` (initialised from the policy's weights unless given a path).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "engine", "reward"])
+        self.save_hyperparameters(ignore=["policy", "engine", "reward", "critic"])
         self.automatic_optimization = False
         self.policy = policy
         self.reward = build_reward(reward)
         self.engine = engine or HFEngine()
         self.sampling = sampling or SamplingConfig()
         self.algorithm = algorithm or AlgorithmConfig()
-        self.algorithm.check(has_critic=False, has_reference=True, group_size=self.sampling.n)
+        self.algorithm.check(has_critic=critic is not None, has_reference=True, group_size=self.sampling.n,
+                             max_new_tokens=self.sampling.max_new_tokens)
+        if critic is not None and critic.backbone is None:
+            critic.build(policy.path)
+        self.critic = critic
         self.make_optimizer = optimizer
         self.evaluation = evaluation or EvalConfig()
         self.reference = None
@@ -91,10 +99,12 @@ class RLModule(L.LightningModule):
             self.reward.check_rows(datamodule.all_train_rows())  # uncovered datasources fail now, not mid-run
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+        if self.critic is not None:
+            groups.append(self.critic.param_group())  # one optimizer (DeepSpeed drives one), own lr per group
         if self.make_optimizer is None:
-            return torch.optim.AdamW(params, lr=1e-6)
-        return self.make_optimizer(params)
+            return torch.optim.AdamW(groups, lr=1e-6)
+        return self.make_optimizer(groups)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["policy_settings"] = self.policy.settings()
@@ -124,7 +134,7 @@ class RLModule(L.LightningModule):
             for micro in exp.micro_batches(algo.micro_batch_size):
                 loss, metrics = self._loss(micro, exp.response_mask)
                 self.manual_backward(loss)
-            clip = self.grad_clip(p for p in self.policy.parameters() if p.requires_grad)
+            clip = self.grad_clip(p for p in self.parameters() if p.requires_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         kl = aggregate(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs), exp.response_mask,
@@ -173,6 +183,9 @@ class RLModule(L.LightningModule):
         if self.reference is not None:
             exp.ref_logprobs = torch.cat([self.reference.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
                                           for m in exp.micro_batches(algo.micro_batch_size)])
+        if self.critic is not None:
+            exp.values = torch.cat([self.critic.values(**m.model_inputs())
+                                    for m in exp.micro_batches(algo.micro_batch_size)])
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
         if algo.overlong.buffer > 0:
             rewards = rewards + overlong_penalty(exp.response_mask.sum(-1), max_new_tokens=self.sampling.max_new_tokens,
@@ -185,7 +198,7 @@ class RLModule(L.LightningModule):
             token_rewards = -self.kl_controller.coef * kl * exp.response_mask
         exp.rewards = rewards
         exp.advantages, exp.returns = ADVANTAGE_ESTIMATORS[algo.advantage](
-            rewards, exp.response_mask, group_size=exp.group_size, token_rewards=token_rewards,
+            rewards, exp.response_mask, group_size=exp.group_size, token_rewards=token_rewards, values=exp.values,
             gamma=algo.gamma, lam=algo.lam)
         return exp
 
@@ -205,6 +218,12 @@ class RLModule(L.LightningModule):
         if algo.kl.placement == "loss" and micro.ref_logprobs is not None:
             kl = KL_ESTIMATORS[algo.kl.estimator](logprobs, micro.ref_logprobs)
             loss = loss + self.kl_controller.coef * aggregate(kl, mask, **agg)
+        if self.critic is not None:  # separate parameters and lr group, so no value-loss coefficient is needed
+            values = self.critic.values(**micro.model_inputs())
+            value_loss_, value_metrics = value_loss(values, micro.values, micro.returns, mask, clip=algo.value_clip,
+                                                    aggregation=algo.loss.aggregation, max_len=algo.loss.max_len)
+            loss = loss + value_loss_
+            metrics = {**metrics, **value_metrics, "value_loss": value_loss_.detach()}
         entropy_mean = aggregate(entropy.detach(), mask, "token-mean")
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * aggregate(entropy, mask, **agg)
