@@ -14,7 +14,8 @@ class CurriculumStage(L.Callback):
     def __init__(self) -> None:
         self.last: str | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "stage_at"):
             return

@@ -29,7 +29,8 @@ class DatasetSpec:
     prob: float = 1.0
     """Relative sampling weight when several datasets are blended (normalised over the list)."""
     make: dict[str, Any] | None = None
-    """Optional `lmmr1 data make` recipe ({kind, n, seed, difficulty, split}) run by prepare_data if `path` is missing."""
+    """Optional `lmmr1 data make` recipe ({kind, n, seed, difficulty, split}), run by prepare_data if `path` is
+    missing."""
     name: str | None = None
     """Name used in metric keys (defaults to the file's folder name)."""
 
@@ -174,7 +175,8 @@ class PromptDataModule(L.LightningDataModule):
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"--data.on_bad_row: unknown {on_bad_row!r}; choose from ['error', 'skip']")
         self.val = list(val or [])
-        self.batch_size, self.val_batch_size, self.seed, self.num_workers = batch_size, val_batch_size, seed, num_workers
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.seed, self.num_workers = seed, num_workers
         self.anneal_steps = anneal_steps
         self.processor_path = processor_path
         self.processor_options = dict(min_pixels=min_pixels, max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens)

@@ -1,4 +1,4 @@
-"""Export a training checkpoint's policy as a standard Hugging Face folder (LoRA merged) that transformers and vLLM load.
+"""Export a checkpoint's policy as a standard Hugging Face folder (LoRA merged) that transformers and vLLM load.
 
     lmmr1 model export runs/smoke/checkpoints/last.ckpt exported/
 """
@@ -17,7 +17,7 @@ _COPIED = ("preprocessor_config.json", "chat_template.jinja", "chat_template.jso
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Load the policy weights of a Lightning checkpoint written by `lmmr1 fit` and save them with tokenizer/processor."""
+    """Load the policy weights of a checkpoint written by `lmmr1 fit`; save them with the tokenizer and processor."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
         raise ValueError(f"{checkpoint}: no such checkpoint file")
