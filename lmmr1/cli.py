@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -34,11 +35,18 @@ class RLCLI(LightningCLI):
         parser.link_arguments("model.policy.init_args.path", "data.processor_path")
 
 
+# Known-benign warnings: checkpoints are meant to hold the post-update state; the frozen reference is in eval mode.
+_QUIET = ("Using ModelCheckpoint with manual optimization", "Found .* module\\(s\\) in eval mode",
+          "`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+
+
 def main(args: ArgsType = None) -> int | None:
     """Entry point of the `lmmr1` console script; `args` lets tests call it with a list."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    for message in _QUIET:
+        warnings.filterwarnings("ignore", message=message)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     RLCLI(
         RLModule,
