@@ -8,7 +8,7 @@ Run: `lmmr1 fit -c configs/demo/smoke.yaml`.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
@@ -69,7 +69,6 @@ class RLModule(L.LightningModule):
             critic: value model for `advantage: gae` (initialised from the policy's weights unless given a path).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "engine", "reward", "critic"])
         self.automatic_optimization = False
         self.policy = policy
         self.reward = build_reward(reward)
@@ -83,6 +82,9 @@ class RLModule(L.LightningModule):
         self.critic = critic
         self.make_optimizer = optimizer
         self.evaluation = evaluation or EvalConfig()
+        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"sampling": asdict(self.sampling), "algorithm": asdict(self.algorithm),
+                                   "evaluation": asdict(self.evaluation), "policy": policy.settings()})
         self.reference = None
         if self.algorithm.needs_reference:
             self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."))
