@@ -1,0 +1,162 @@
+"""`build_reward(spec)`: turn a name, plug-in, YAML file or mapping from the config into a `Reward`.
+
+Accepted specs:
+- a built-in name: `format`, `accuracy`, `math` (0.5*format + 1.0*accuracy, LMM-R1's weights), `sokoban`
+  (0.5*format + 1.0*solved);
+- a plug-in `path/to/file.py:fn` or `package.module:fn` (see `plugin.py`);
+- a URL `http://host:port` of a reward server (see `remote.py`);
+- a path to a YAML file holding any mapping below (plug-in paths in it resolve against the file's folder);
+- a mapping, e.g.
+    {"routes": {"geo*": ["format", "math"], "sokoban": ["format", "sokoban"], "*": "math"},
+     "weights": {"format": 0.5}, "options": {"accuracy": {"timeout": 5.0}, "solved": {"noop_penalty": 0.05}}}
+  A route lists names (built-ins are expanded into the components `format`, `accuracy`, `solved`, each used once) or
+  plug-ins. A component's weight is `weights[name]`, else its default (format 0.5, accuracy 1.0, solved 1.0, plug-ins
+  1.0); `options[name]` are constructor arguments of that component's class. Without routes, `{"reward": <name or list>,
+  "weights": ..., "options": ...}` builds one weighted sum. `{"url": ..., "timeout": ..., "retries": ...}` builds the
+  remote client, and `{"class_path": ..., "init_args": {...}}` any Reward class;
+- a Reward object, returned as is.
+
+>>> build_reward({"reward": "math", "weights": {"format": 0.2}}).weights
+[0.2, 1.0]
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from lmmr1.rewards.accuracy import AccuracyReward
+from lmmr1.rewards.base import Reward
+from lmmr1.rewards.composite import MathReward, RoutedReward, WeightedSum
+from lmmr1.rewards.format import FormatReward
+from lmmr1.rewards.plugin import PluginReward
+from lmmr1.rewards.remote import RemoteReward
+from lmmr1.rewards.sokoban import SokobanReward
+
+COMPONENTS: dict[str, type[Reward]] = {"format": FormatReward, "accuracy": AccuracyReward, "solved": SokobanReward}
+DEFAULT_WEIGHTS = {"format": 0.5, "accuracy": 1.0, "solved": 1.0}
+PRESETS = {"math": ["format", "accuracy"], "sokoban": ["format", "solved"]}
+BUILTINS = ["format", "accuracy", "math", "sokoban"]
+_MAPPING_KEYS = {"routes", "weights", "options", "key", "reward", "url", "timeout", "retries", "backoff", "class_path",
+                 "init_args"}
+
+
+def _choices() -> str:
+    return (f"choose a built-in name {BUILTINS}, a plug-in 'path/to/file.py:fn' or 'package.module:fn', a YAML file, "
+            f"or a reward server URL")
+
+
+class _Builder:
+    """Builds from one config; component instances are shared across routes (one math worker pool per run)."""
+
+    def __init__(self, weights: Mapping[str, float] | None, options: Mapping[str, Any] | None, base_dir: str) -> None:
+        self.weights, self.options, self.base_dir = dict(weights or {}), dict(options or {}), base_dir
+        unknown = sorted(set(self.options) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"options: unknown component(s) {unknown}; options apply to {sorted(COMPONENTS)}")
+        self.cache: dict[str, Reward] = {}
+
+    def component(self, name: str) -> Reward:
+        if name not in self.cache:
+            kwargs = self.options.get(name) or {}
+            try:
+                self.cache[name] = COMPONENTS[name](**kwargs)
+            except TypeError as e:
+                raise ValueError(f"options.{name}: {e}") from e
+        return self.cache[name]
+
+    def plugin(self, target: str) -> Reward:
+        if target not in self.cache:
+            path, _, fn = target.rpartition(":")
+            local = os.path.join(self.base_dir, path)
+            if not os.path.isabs(path) and path.endswith(".py") and os.path.isfile(local):
+                target = f"{local}:{fn}"
+            self.cache[target] = PluginReward(target)
+        return self.cache[target]
+
+    def weighted(self, names: str | list[str]) -> WeightedSum:
+        names = [names] if isinstance(names, str) else list(names)
+        members: dict[str, Reward] = {}
+        for name in names:
+            if not isinstance(name, str):
+                raise ValueError(f"reward list item {name!r} is not a name or plug-in")
+            for leaf in PRESETS.get(name, [name]):
+                if leaf in COMPONENTS:
+                    members.setdefault(leaf, self.component(leaf))
+                elif ":" in leaf:
+                    plugin = self.plugin(leaf)
+                    members.setdefault(plugin.name, plugin)
+                else:
+                    raise ValueError(f"unknown reward {leaf!r}; {_choices()}")
+        weights = [float(self.weights.get(k, DEFAULT_WEIGHTS.get(k, 1.0))) for k in members]
+        return WeightedSum(list(members.values()), weights, name="+".join(names))
+
+
+def _from_mapping(spec: Mapping[str, Any], base_dir: str) -> Reward:
+    unknown = sorted(set(spec) - _MAPPING_KEYS)
+    if unknown:
+        raise ValueError(f"reward config: unknown key(s) {unknown}; accepted keys are {sorted(_MAPPING_KEYS)}")
+    if "class_path" in spec:
+        module, _, cls_name = str(spec["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Reward)):
+            raise ValueError(f"class_path: {spec['class_path']!r} is not a Reward class")
+        return cls(**(spec.get("init_args") or {}))
+    if "url" in spec:
+        extra = {k: spec[k] for k in ("timeout", "retries", "backoff") if k in spec}
+        return RemoteReward(str(spec["url"]), **extra)
+    builder = _Builder(spec.get("weights"), spec.get("options"), base_dir)
+    if "routes" in spec:
+        routes = spec["routes"]
+        if not isinstance(routes, Mapping) or not routes:
+            raise ValueError("routes: expected a mapping of datasource pattern -> reward name or list of names")
+        return RoutedReward({str(p): builder.weighted(names) for p, names in routes.items()},
+                            key=spec.get("key", "datasource"))
+    if "reward" in spec:
+        return builder.weighted(spec["reward"])
+    raise ValueError("reward config: give 'routes', 'reward', 'url' or 'class_path'")
+
+
+def build_reward(spec: str | Mapping[str, Any] | Reward, base_dir: str = ".") -> Reward:
+    """Build a Reward from a name, plug-in, URL, YAML path, mapping or Reward (see the module docstring)."""
+    if isinstance(spec, Reward):
+        return spec
+    if isinstance(spec, Mapping):
+        return _from_mapping(spec, base_dir)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"reward: {spec!r} is not a reward spec; {_choices()}")
+    spec = spec.strip()
+    if spec == "math":
+        return MathReward()
+    if spec in ("format", "accuracy"):
+        return COMPONENTS[spec]()
+    if spec == "sokoban":
+        return _Builder(None, None, base_dir).weighted("sokoban")
+    if spec.startswith(("http://", "https://")):
+        return RemoteReward(spec)
+    if spec.endswith((".yaml", ".yml")):
+        return _from_yaml(spec)
+    if ":" in spec:
+        return _Builder(None, None, base_dir).plugin(spec)
+    raise ValueError(f"unknown reward {spec!r}; {_choices()}")
+
+
+def _from_yaml(path: str) -> Reward:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"reward config {path} does not exist")
+    with open(path) as f:
+        spec = yaml.safe_load(f)
+    if isinstance(spec, Mapping) and set(spec) == {"rewards"}:  # allow a file holding `rewards: {...}` as in configs
+        spec = spec["rewards"]
+    if isinstance(spec, str | list):
+        spec = {"reward": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{path}: expected a mapping (routes/weights/options, url or class_path)")
+    try:
+        return _from_mapping(spec, os.path.dirname(os.path.abspath(path)))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,215 @@
+"""A pool of worker processes running math-verify with a hard per-item timeout.
+
+Why: math-verify times out with `signal.alarm`, which only works in the main thread, and some inputs (towers of
+exponents, thousands of nested brackets) spin in C code for minutes. Here each worker runs math-verify with its own
+timeouts disabled, fed through its own pipe; the parent waits with a deadline per item and kills + replaces a worker
+that overruns, so one pathological answer costs at most `timeout` seconds and scores 0. The pool starts lazily on first
+use, restarts after `close()`, pickles as its settings only, and `map` may be called from any thread (calls are
+serialized by a lock). `concurrent.futures.ProcessPoolExecutor` cannot kill one stuck worker, hence this small pool.
+
+>>> verify_item("$\\\\boxed{60}$", "60.0")
+(1.0, 'ok')
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+
+OK, LABEL_PARSE_FAILURE, TIMEOUT, CRASH = "ok", "label_parse_failure", "timeout", "crash"
+_MATH_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
+
+
+def _parse(text: str) -> list:
+    """math-verify parse, LaTeX first: a bare `2\\sqrt3` read as a plain expression would be just `2`."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    text = text.strip()
+    if not text:
+        return []
+    if not any(d in text for d in _MATH_DELIMITERS):
+        parsed = parse(f"${text}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+        if parsed:
+            return parsed
+    return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_label(label: str) -> list:
+    return _parse(label)
+
+
+def verify_item(label: str, prediction: str) -> tuple[float, str]:
+    """(score, status) for one prediction against its label; no timeout of its own (the pool enforces one).
+
+    A label that does not parse to a math object scores 0 with status `label_parse_failure`: scoring it 1 would
+    reward every answer to a broken label (a known bug elsewhere).
+    """
+    from math_verify import verify
+    from sympy import Basic, MatrixBase
+
+    gold = _parse_label(label)  # cached: the G samples of a prompt share one label
+    if not any(isinstance(g, Basic | MatrixBase) for g in gold):
+        return 0.0, LABEL_PARSE_FAILURE
+    pred = _parse(prediction)
+    if not pred:
+        return 0.0, OK
+    return float(verify(gold, pred, timeout_seconds=None)), OK
+
+
+def _worker_main(conn: Connection) -> None:
+    """Worker loop: import and warm up math-verify, say "ready", then answer (job_id, label, pred) messages."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warnings are expected here
+    verify_item("1", "1")
+    conn.send(("ready", None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        job_id, label, prediction = message
+        try:
+            result = verify_item(label, prediction)
+        except Exception:  # noqa: BLE001 - any failure inside math-verify/sympy scores 0, never kills the batch
+            result = (0.0, OK)
+        conn.send((job_id, result))
+
+
+class _Worker:
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child,), daemon=True, name="lmmr1-verify")
+        self.process.start()
+        child.close()
+        self.started = time.monotonic()
+        self.ready = False
+        self.job: int | None = None
+        self.deadline = float("inf")
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        try:
+            worker.conn.send(None)
+        except (OSError, ValueError):
+            pass
+    for worker in workers:
+        worker.process.join(1)
+        worker.kill()
+    workers.clear()
+
+
+class VerifyPool:
+    """`workers` processes verifying (label, prediction) pairs with a hard `timeout` in seconds per item."""
+
+    def __init__(self, workers: int | None = None, timeout: float = 5.0, start_method: str | None = None,
+                 startup_timeout: float = 120.0) -> None:
+        if workers is None:
+            workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if start_method is None:  # forkserver: replacements fork from a server that has math-verify imported already
+            start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self.workers, self.timeout = workers, timeout
+        self.start_method, self.startup_timeout = start_method, startup_timeout
+        self._setup()
+
+    def _setup(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: list[_Worker] = []
+        self.last_latencies: list[float] = []  # seconds from dispatch to result, per item of the last `map`
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool)
+
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in ("workers", "timeout", "start_method", "startup_timeout")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def close(self) -> None:
+        """Stop the workers; a later `map` starts fresh ones."""
+        with self._lock:
+            _shutdown(self._pool)
+
+    def map(self, items: Sequence[tuple[str, str]]) -> list[tuple[float, str]]:
+        """(score, status) per (label, prediction); status is ok, label_parse_failure, timeout or crash."""
+        with self._lock:
+            return self._map(list(items))
+
+    def _start_worker(self) -> _Worker:
+        context = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":  # only takes effect if this process has not started its forkserver yet
+            context.set_forkserver_preload(["math_verify", "sympy", __name__])
+        return _Worker(context)
+
+    def _map(self, items: list[tuple[str, str]]) -> list[tuple[float, str]]:
+        while len(self._pool) < self.workers:
+            self._pool.append(self._start_worker())
+        results: list[tuple[float, str] | None] = [None] * len(items)
+        sent, latencies = [0.0] * len(items), [0.0] * len(items)
+        pending, remaining = deque(range(len(items))), len(items)
+        while remaining:
+            now = time.monotonic()
+            for worker in self._pool:
+                if worker.ready and worker.job is None and pending:
+                    worker.job = pending.popleft()
+                    worker.conn.send((worker.job, *items[worker.job]))
+                    sent[worker.job] = time.monotonic()
+                    worker.deadline = sent[worker.job] + self.timeout
+            waits = [w.deadline if w.job is not None else w.started + self.startup_timeout
+                     for w in self._pool if w.job is not None or not w.ready]
+            budget = max(0.0, min(waits, default=now + 1.0) - time.monotonic())
+            ready = set(wait([w.conn for w in self._pool] + [w.process.sentinel for w in self._pool], budget))
+            for i, worker in enumerate(self._pool):
+                outcome = None
+                if worker.conn in ready:
+                    try:
+                        job_id, result = worker.conn.recv()
+                    except (EOFError, OSError):
+                        outcome = CRASH
+                    else:
+                        if job_id == "ready":
+                            worker.ready = True
+                        else:
+                            results[job_id], worker.job, remaining = result, None, remaining - 1
+                            latencies[job_id] = time.monotonic() - sent[job_id]
+                        continue
+                elif worker.process.sentinel in ready:
+                    outcome = CRASH
+                elif worker.job is not None and time.monotonic() > worker.deadline:
+                    outcome = TIMEOUT
+                elif not worker.ready and time.monotonic() > worker.started + self.startup_timeout:
+                    worker.kill()
+                    raise RuntimeError(f"math-verify worker did not start within {self.startup_timeout:.0f} s")
+                if outcome is None:
+                    continue
+                if not worker.ready:  # died while importing: retrying would fail the same way
+                    worker.kill()
+                    raise RuntimeError(f"math-verify worker exited during start-up (exit code "
+                                       f"{worker.process.exitcode}); is math-verify installed in this environment?")
+                if worker.job is not None:
+                    results[worker.job], remaining = (0.0, outcome), remaining - 1
+                    latencies[worker.job] = time.monotonic() - sent[worker.job]
+                worker.kill()
+                self._pool[i] = self._start_worker()
+        self.last_latencies = latencies
+        return results  # type: ignore[return-value]
