@@ -80,3 +80,19 @@ def test_engine_logprobs_equal_training_logprobs(setup, mixed_rows):
     mask = exp.response_mask.bool()
     torch.testing.assert_close(logprobs[mask], exp.rollout_logprobs[mask], atol=1e-4, rtol=0)
     assert bool((entropy[mask] > 0).all())
+
+
+def test_vision_placeholder_tokens_are_never_sampled(setup, mixed_rows):
+    """A sampled <|image_pad|> would make the training forward see more image tokens than image features."""
+    proc, policy, engine = setup
+    pad_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    weight = policy.model.lm_head.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():  # make the placeholder by far the model's favourite token
+        weight[pad_id] = 100 * saved.abs().max() * torch.sign(saved.sum(0))
+    try:
+        out = engine.generate(proc(mixed_rows), SamplingConfig(n=2, max_new_tokens=6), seed=0)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert all(pad_id not in c.token_ids for group in out for c in group)

@@ -49,7 +49,7 @@ class RLModule(L.LightningModule):
     def __init__(
         self,
         policy: Policy,
-        reward: Reward | str = "math",
+        reward: Reward | str | dict[str, Any] = "math",
         engine: RolloutEngine | None = None,
         sampling: SamplingConfig | None = None,
         algorithm: AlgorithmConfig | None = None,
@@ -60,7 +60,8 @@ class RLModule(L.LightningModule):
         """
         Args:
             policy: the model being trained; a frozen copy becomes the KL reference when `algorithm.kl.coef > 0`.
-            reward: a Reward object, or a spec `build_reward` understands (name, plug-in "file.py:fn", YAML path).
+            reward: a Reward (class_path), or a spec `build_reward` understands: a name ("math", "sokoban", ...), a
+                plug-in "file.py:fn", a YAML path, or a mapping with `routes` by datasource (see README).
             engine: rollout engine (default: Hugging Face generate on the live policy).
             sampling: how completions are sampled (n = group size G).
             algorithm: advantage estimator, KL, loss, clipping, PPO epochs (see README's table).

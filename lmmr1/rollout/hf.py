@@ -11,6 +11,8 @@ import torch
 from lmmr1.data.processor import PromptBatch, concat_images
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
 
 class HFEngine(RolloutEngine):
     """`model.generate` with sampled-token log-probs from the raw logits."""
@@ -21,6 +23,11 @@ class HFEngine(RolloutEngine):
             max_batch_tokens: rows per generate call are capped so rows * (prompt + max_new_tokens) fits this budget.
         """
         self.max_batch_tokens = max_batch_tokens
+
+    def _vision_token_ids(self) -> list[int]:
+        """Image placeholder tokens must never be sampled: a generated <|image_pad|> would claim an image feature."""
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
 
     def _chunks(self, n_rows: int, row_tokens: int) -> list[range]:
         per_call = max(1, self.max_batch_tokens // max(row_tokens, 1))
@@ -43,6 +50,7 @@ class HFEngine(RolloutEngine):
             return_dict_in_generate=True,
             output_logits=True,
             use_cache=True,
+            suppress_tokens=self._vision_token_ids() or None,
         )
         if sampling.stop:
             options.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
