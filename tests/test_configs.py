@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lmmr1.cli import main
+from lmmr1.models.tiny import build_tiny
 
 CONFIGS = sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
@@ -19,8 +20,7 @@ def test_config_parses(config, capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["policy"]["init_args"]["path"]
-    # the link: prompts are processed with the policy's own tokenizer / image processor
-    assert printed["data"]["processor_path"] == printed["model"]["policy"]["init_args"]["path"]
+    assert "processor_path" not in printed["data"]  # linked from the policy path, so not a separate option
 
 
 def test_command_line_overrides_the_yaml(capsys):
@@ -36,3 +36,16 @@ def test_bad_option_value_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "-c", "configs/demo/smoke.yaml", "--model.algorithm.advantage", "nope"])
     assert "advantage" in capsys.readouterr().err
+
+
+def test_smoke_config_trains_through_the_cli(tmp_path, monkeypatch):
+    """The README's first command, end to end: data generated on first use, policy path linked to the processor."""
+    config = str(Path(__file__).parents[1] / "configs" / "demo" / "smoke.yaml")
+    monkeypatch.chdir(tmp_path)
+    build_tiny(tmp_path / "models" / "tiny-vl")
+    main(["fit", "-c", config, "--trainer.max_steps", "2",
+          "--trainer.callbacks+=lmmr1.callbacks.graceful_stop.GracefulStop"])
+    assert (tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt").exists()
+    metrics = (tmp_path / "runs" / "smoke" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/reward/total" in metrics and "val/arith/accuracy" in metrics
+    assert (tmp_path / "data" / "smoke" / "image-arith" / "data.jsonl").exists()
