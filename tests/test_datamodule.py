@@ -57,3 +57,48 @@ def test_annealing_mixes_the_next_stage_in_before_the_boundary():
     # inside the window (steps 6..9) the next stage's share rises 1/5, 2/5, 3/5, 4/5
     assert share[6:10] == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=0.07)
     assert share[10:] == [1.0, 1.0]  # after the boundary: stage 1 only
+
+
+class _Training:
+    training = True
+
+
+def _module(tmp_path, tiny_vl_path, stages=True):
+    from lmmr1.data.datamodule import DatasetSpec, PromptDataModule, Stage
+    from lmmr1.data.synthetic import make
+
+    text = str(make("arith", n=12, seed=0, out=tmp_path / "arith", difficulty=1))
+    image = str(make("image-arith", n=6, seed=0, out=tmp_path / "image", difficulty=1))
+    if stages:
+        kwargs = {"stages": [Stage("fre", [DatasetSpec(text)], steps=2), Stage("mgt", [DatasetSpec(image)])]}
+    else:
+        kwargs = {"datasets": [DatasetSpec(text, prob=0.5), DatasetSpec(image, prob=0.5)]}
+    dm = PromptDataModule(batch_size=3, seed=1, processor_path=str(tiny_vl_path), **kwargs)
+    dm.trainer = _Training()
+    dm.setup("fit")
+    return dm
+
+
+def _consume(dm, k):
+    """Take k batches as training would (on_after_batch_transfer marks them consumed)."""
+    loader = iter(dm.train_dataloader())
+    return [dm.on_after_batch_transfer(next(loader), 0) for _ in range(k)]
+
+
+@pytest.mark.parametrize("stages", [True, False], ids=["curriculum", "blend"])
+def test_datamodule_resume_yields_the_batch_that_would_have_come(tmp_path, tiny_vl_path, stages):
+    uninterrupted = _module(tmp_path, tiny_vl_path, stages)
+    expected = _consume(uninterrupted, 4)
+    first = _module(tmp_path, tiny_vl_path, stages)
+    _consume(first, 2)
+    state = first.state_dict()
+    resumed = _module(tmp_path, tiny_vl_path, stages)
+    resumed.load_state_dict(state)
+    got = _consume(resumed, 2)
+    for want, have in zip(expected[2:], got):
+        assert [r["_where"] for r in want.rows] == [r["_where"] for r in have.rows]
+        assert (want.input_ids == have.input_ids).all()
+    if stages:  # steps 0-1 text (fre), steps 2-3 images (mgt): the resume landed in the right stage
+        assert all(p is None for b in expected[:2] for p in b.pixel_values)
+        assert all(p is not None for b in got for p in b.pixel_values)
+        assert resumed.stage_at(2).name == "mgt"
