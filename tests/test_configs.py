@@ -49,3 +49,7 @@ def test_smoke_config_trains_through_the_cli(tmp_path, monkeypatch):
     metrics = (tmp_path / "runs" / "smoke" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/reward/total" in metrics and "val/arith/accuracy" in metrics
     assert (tmp_path / "data" / "smoke" / "image-arith" / "data.jsonl").exists()
+    assert list((tmp_path / "runs" / "smoke" / "tb").rglob("events.out.tfevents.*"))
+    assert main(["plot", "runs/smoke/csv"]) == 0
+    plots = {p.name for p in (tmp_path / "runs" / "smoke" / "csv" / "version_0" / "plots").iterdir()}
+    assert {"reward.png", "validation.png", "kl.png", "grad_norm.png", "response_length.png"} <= plots

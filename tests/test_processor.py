@@ -40,5 +40,5 @@ def test_pixel_bounds_are_honoured(tiny_vl_path, mixed_rows):
     small = PromptProcessor(tiny_vl_path, max_pixels=28 * 28 * 4)(mixed_rows[1:2])
     large = PromptProcessor(tiny_vl_path)(mixed_rows[1:2])
     assert int(small.image_grid_thw[0].prod()) < int(large.image_grid_thw[0].prod())
-    _, h, w = small.image_grid_thw[0, 0].tolist()
+    _, h, w = small.image_grid_thw[0][0].tolist()
     assert h * 14 * w * 14 <= 28 * 28 * 4  # resized (aspect kept, 112x84 -> 56x28) to fit max_pixels

@@ -26,3 +26,4 @@ class CurriculumStage(L.Callback):
             self.last = stage.name
         index = datamodule.stages.index(stage)
         pl_module.log("train/stage", float(index), batch_size=len(batch.rows))
+        pl_module.log("stage", float(index), prog_bar=True, logger=False, batch_size=len(batch.rows))
