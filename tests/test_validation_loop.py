@@ -1,4 +1,4 @@
-"""Validation through the trainer reports exactly what an independent computation over the same greedy responses gives."""
+"""Validation through the trainer reports what an independent computation over the same greedy responses gives."""
 
 from __future__ import annotations
 
