@@ -137,14 +137,29 @@ class RLModule(L.LightningModule):
             for micro in exp.micro_batches(algo.micro_batch_size):
                 loss, metrics = self._loss(micro, exp.response_mask)
                 self.manual_backward(loss)
-            clip = self.grad_clip(p for p in self.parameters() if p.requires_grad)
-            optimizer.step()
+            clip = self._clip_and_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
         kl = aggregate(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs), exp.response_mask,
                        "token-mean") if exp.ref_logprobs is not None else torch.zeros(())
         self.kl_controller.update(float(kl), len(exp))
         self._log_step(exp, scores, metrics, clip, kl, dropped, time.perf_counter() - start)
         return {"samples": self._sample_records(exp, scores)}
+
+    def _clip_and_step(self, optimizer: Any) -> dict[str, Tensor]:
+        """Dynamic gradient clipping, then the optimizer step. Under DeepSpeed ZeRO the gradients are partitioned
+        inside the engine, so the engine clips by its own global norm at our threshold and the norm is recorded after
+        the step (see lmmr1/modules/grad_clip.py)."""
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+        if engine is None:
+            clip = self.grad_clip(p for p in self.parameters() if p.requires_grad)
+            optimizer.step()
+            return clip
+        threshold = self.grad_clip.threshold(self.device)
+        engine.optimizer.clip_grad = float(threshold)
+        optimizer.step()
+        norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float32, device=self.device)
+        self.grad_clip.record(norm, threshold)
+        return {"grad_norm": norm, "grad_clip_threshold": threshold, "grad_clipped": (norm > threshold).float()}
 
     def _generate(self, batch: PromptBatch, seed: int) -> tuple[Experience, RewardOutput]:
         completions = self.engine.generate(batch, self.sampling, seed=seed)
