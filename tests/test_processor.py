@@ -42,3 +42,14 @@ def test_pixel_bounds_are_honoured(tiny_vl_path, mixed_rows):
     assert int(small.image_grid_thw[0].prod()) < int(large.image_grid_thw[0].prod())
     _, h, w = small.image_grid_thw[0][0].tolist()
     assert h * 14 * w * 14 <= 28 * 28 * 4  # resized (aspect kept, 112x84 -> 56x28) to fit max_pixels
+
+
+def test_system_prompt_and_few_shot_turns_are_applied(tiny_vl_path):
+    row = {"message": [{"role": "system", "content": "old system"}, {"role": "user", "content": "What is 1 + 1?"}],
+           "answer": "2"}
+    shots = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "<answer>7</answer>"}]
+    text = PromptProcessor(tiny_vl_path, system_prompt="new system", few_shot=shots).prompt_text(row)
+    assert "old system" not in text
+    assert text.index("new system") < text.index("What is 3 + 4?") < text.index("<answer>7</answer>") < text.index(
+        "What is 1 + 1?")
+    assert PromptProcessor(tiny_vl_path).prompt_text(row).count("<|im_start|>") == 3  # system, user, assistant header

@@ -148,6 +148,8 @@ class PromptDataModule(L.LightningDataModule):
         min_pixels: int = 4 * 28 * 28,
         max_pixels: int = 16384 * 28 * 28,
         max_prompt_tokens: int | None = None,
+        system_prompt: str | None = None,
+        few_shot: list[dict[str, Any]] | None = None,
         input_key: str = "message",
         label_key: str = "answer",
         on_bad_row: str = "error",
@@ -161,6 +163,8 @@ class PromptDataModule(L.LightningDataModule):
             anneal_steps: steps before each stage boundary over which the next stage is mixed in (0 = hard switch).
             processor_path: model folder whose tokenizer / image processor build the prompts (linked from the policy).
             min_pixels / max_pixels: image resize bounds (LMM-R1 defaults 4*28*28 .. 16384*28*28).
+            system_prompt: replaces every row's system message (None keeps the rows' own).
+            few_shot: chat turns (e.g. worked examples) placed after the system message of every prompt.
             on_bad_row: "error" (stop, listing every bad row) or "skip" (drop and report them).
         """
         super().__init__()
@@ -179,7 +183,8 @@ class PromptDataModule(L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.anneal_steps = anneal_steps
         self.processor_path = processor_path
-        self.processor_options = dict(min_pixels=min_pixels, max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens)
+        self.processor_options = dict(min_pixels=min_pixels, max_pixels=max_pixels, max_prompt_tokens=max_prompt_tokens,
+                                      system_prompt=system_prompt, few_shot=few_shot)
         self.load_options = dict(input_key=input_key, label_key=label_key, on_bad_row=on_bad_row)
         self.consumed = 0  # stream position of the next prompt training has not seen
         self.train_rows: list[list[dict[str, Any]]] = []  # one table per (stage, dataset), in order

@@ -73,7 +73,17 @@ class PromptProcessor:
     """Tokenizer + image processor of one model folder; `__call__(rows) -> PromptBatch`."""
 
     def __init__(self, path: str | Path, *, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, system_prompt: str | None = None,
+                 few_shot: list[dict[str, Any]] | None = None) -> None:
+        """
+        Args:
+            path: model folder (tokenizer, chat template and, for VL models, preprocessor_config.json).
+            min_pixels / max_pixels: image resize bounds.
+            max_prompt_tokens: longer prompts are an error naming the row.
+            system_prompt: replaces the rows' system message (or adds one).
+            few_shot: messages (e.g. worked user/assistant examples) inserted after the system message.
+        """
+        path = Path(path).expanduser()
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         self.image_processor = None
         if (Path(path) / "preprocessor_config.json").exists():
@@ -83,12 +93,20 @@ class PromptProcessor:
                 path, min_pixels=min_pixels, max_pixels=max_pixels
             )
         self.max_prompt_tokens = max_prompt_tokens
+        self.system_prompt, self.few_shot = system_prompt, list(few_shot or [])
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The row's messages with the configured system prompt and few-shot turns applied."""
+        messages, _ = _chat_messages(row)
+        system = [m for m in messages if m["role"] == "system"]
+        if self.system_prompt is not None:
+            system = [{"role": "system", "content": self.system_prompt}]
+        return system + self.few_shot + [m for m in messages if m["role"] != "system"]
 
     def prompt_text(self, row: dict[str, Any]) -> str:
         """The chat-templated prompt (generation prompt appended), images as one placeholder each."""
-        messages, _ = _chat_messages(row)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(self.messages(row), add_generation_prompt=True, tokenize=False)
 
     def _encode_images(self, row: dict[str, Any], refs: list[str], text: str) -> tuple[str, Tensor, Tensor]:
         where = row.get("_where", "row")

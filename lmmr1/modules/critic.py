@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor, nn
 
 from lmmr1.modules.policy import apply_freeze, load_hf_model
@@ -30,10 +32,10 @@ class Critic(nn.Module):
         super().__init__()
         self.settings = dict(dtype=dtype, freeze=list(freeze or []), gradient_checkpointing=gradient_checkpointing,
                              attn_implementation=attn_implementation)
-        self.lr, self.path = lr, path
+        self.lr, self.path = lr, path and os.path.expanduser(path)
         self.backbone: nn.Module | None = None
-        if path is not None:
-            self.build(path)
+        if self.path is not None:
+            self.build(self.path)
 
     def build(self, path: str) -> None:
         """Load the backbone from `path` and attach a fresh value head."""

@@ -6,6 +6,7 @@ same class serves as the frozen reference model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class Policy(nn.Module):
             lora: train LoRA adapters instead of the full weights (None = full fine-tuning).
         """
         super().__init__()
+        path = os.path.expanduser(path)  # configs may point into ~/.cache/lmmr1
         self.path, self.dtype, self.logprob_chunk = path, dtype, logprob_chunk
         self.model = load_hf_model(path, dtype, attn_implementation).train()  # from_pretrained returns eval mode
         self.freeze = list(freeze or [])
