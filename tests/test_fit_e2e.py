@@ -32,7 +32,11 @@ class LengthReward(Reward):
         return RewardOutput(total=scores, components={"length": scores})
 
 
-def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, **algorithm):
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-2)  # big lr: tiny-model gradients must move weights
+
+
+def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, optimizer=_adam, **algorithm):
     proc = PromptProcessor(tiny_vl_path)
     batches = [proc(mixed_rows[:2]), proc(mixed_rows[2:])]  # step 1: images, step 2: text only
     module = RLModule(
@@ -40,7 +44,7 @@ def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, **algorithm):
         reward=LengthReward(),
         sampling=SamplingConfig(n=4, max_new_tokens=8),
         algorithm=AlgorithmConfig(**algorithm),
-        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),  # big lr: tiny-model gradients must move weights
+        optimizer=optimizer,
         critic=critic,
     )
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -103,3 +107,16 @@ def test_gae_trains_policy_and_critic(tiny_vl_path, mixed_rows, tmp_path):
 def test_gae_without_critic_fails_before_any_rollout(tiny_vl_path):
     with pytest.raises(ValueError, match="'gae' needs a critic"):
         RLModule(policy=Policy(str(tiny_vl_path)), reward=LengthReward(), algorithm=AlgorithmConfig(advantage="gae"))
+
+
+def test_engine_logprobs_can_stand_in_for_the_recompute(tiny_vl_path, mixed_rows, tmp_path):
+    """With the HF engine sampling from the live policy, skipping the old-logprob recompute changes nothing (fp32)."""
+    def sgd(params):  # linear in the gradient (Adam would amplify 1e-7 differences in near-zero gradients)
+        return torch.optim.SGD(params, lr=1.0)
+
+    recomputed, before, _ = _fit(tiny_vl_path, mixed_rows, tmp_path / "a", optimizer=sgd, kl={"coef": 0.0})
+    reused, _, _ = _fit(tiny_vl_path, mixed_rows, tmp_path / "b", optimizer=sgd, kl={"coef": 0.0},
+                        recompute_old_logprobs=False)
+    for (name, p), q in zip(recomputed.policy.named_parameters(), reused.policy.parameters()):
+        step = (p - before[f"policy.{name}"]).abs().max()
+        assert (p - q).abs().max() <= 1e-4 * step + 1e-9, name  # the updates agree to 1e-4 of their size

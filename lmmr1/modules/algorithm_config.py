@@ -200,6 +200,9 @@ class AlgorithmConfig:
     """Optimizer passes over each rollout batch."""
     micro_batch_size: int = 4
     """Samples per forward/backward; gradients are accumulated to one optimizer step per epoch."""
+    recompute_old_logprobs: bool = True
+    """Recompute the old log-probs with a policy forward; False uses the engine's log-probs instead (exact when the
+    engine samples from the live policy, e.g. HFEngine, and ppo_epochs is 1; saves one forward pass per step)."""
     grad_clip: GradClipConfig = field(default_factory=GradClipConfig)
     """Gradient clipping."""
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)

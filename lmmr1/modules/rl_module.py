@@ -196,8 +196,11 @@ class RLModule(L.LightningModule):
     def _score_tokens(self, exp: Experience, scores: RewardOutput) -> Experience:
         """Old/reference log-probs, KL-in-reward, overlong penalty and advantages for the whole batch."""
         algo = self.algorithm
-        exp.old_logprobs = torch.cat([self.policy.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
-                                      for m in exp.micro_batches(algo.micro_batch_size)])
+        if algo.recompute_old_logprobs:
+            exp.old_logprobs = torch.cat([self.policy.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
+                                          for m in exp.micro_batches(algo.micro_batch_size)])
+        else:
+            exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
             exp.ref_logprobs = torch.cat([self.reference.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
                                           for m in exp.micro_batches(algo.micro_batch_size)])
