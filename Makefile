@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 DEMO_CONFIG ?= configs/demo/smoke.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo demo-mini lint clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	test -f models/tiny-vl/config.json || $(VENV)/bin/lmmr1 model tiny --out models/tiny-vl
 	$(VENV)/bin/lmmr1 fit -c $(DEMO_CONFIG)
+
+# The embedded pretrained mini LMM (SmolLM2-135M-Instruct as a Qwen2.5-VL, converted offline into
+# ~/.cache/lmmr1/models/smollm2-135m-vl on first use) learning one-digit arithmetic with GRPO (~15-20 min on 2 cores).
+demo-mini: $(STAMP)
+	$(VENV)/bin/lmmr1 model prepare-mini --if-missing
+	$(VENV)/bin/lmmr1 fit -c configs/demo/mini_arith.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmmr1 tests benchmarks cli.py

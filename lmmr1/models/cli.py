@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     mini = sub.add_parser("prepare-mini", help="convert the embedded SmolLM2-135M-Instruct into a mini Qwen2.5-VL")
     mini.add_argument("--out", default=None, help="output folder (default: the cache folder, see README)")
+    mini.add_argument("--if-missing", action="store_true", help="reuse a complete folder instead of rebuilding it")
     export = sub.add_parser("export", help="write a checkpoint's policy as a Hugging Face folder (LoRA merged)")
     export.add_argument("checkpoint")
     export.add_argument("out")
@@ -29,9 +30,10 @@ def main(argv: list[str]) -> int:
 
         print(build_tiny(args.out, kind=args.kind, seed=args.seed))
     elif args.command == "prepare-mini":
-        from lmmr1.models.mini import default_mini_dir, prepare_mini
+        from lmmr1.models.mini import default_mini_dir, ensure_mini, prepare_mini
 
-        print(prepare_mini(args.out or default_mini_dir()))
+        out = args.out or default_mini_dir()
+        print(ensure_mini(out) if args.if_missing else prepare_mini(out))
     elif args.command == "export":
         from lmmr1.models.export import export_checkpoint
 
