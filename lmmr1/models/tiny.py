@@ -101,10 +101,11 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     }
 
 
-def tiny_vl_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2) -> Qwen2_5_VLConfig:
-    """A ~0.3M-parameter Qwen2.5-VL: head_dim 32 (vLLM's CPU attention rejects 16), mrope [4, 6, 6] sums to 16."""
+def _text_settings(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int) -> dict:
+    """The language model's shape, shared by the VL and text-only models: head_dim 32 (vLLM's CPU attention
+    rejects 16)."""
     ids = _special_ids(tokenizer)
-    text = dict(
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -112,11 +113,17 @@ def tiny_vl_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, la
         num_attention_heads=hidden_size // 32,
         num_key_value_heads=1,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
         bos_token_id=ids["bos_token_id"],
         eos_token_id=ids["eos_token_id"],
         pad_token_id=ids["pad_token_id"],
     )
+
+
+def tiny_vl_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2) -> Qwen2_5_VLConfig:
+    """A ~0.3M-parameter Qwen2.5-VL; mrope sections [4, 6, 6] sum to head_dim / 2 = 16."""
+    ids = _special_ids(tokenizer)
+    text = _text_settings(tokenizer, hidden_size, layers)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
     vision = dict(
         depth=2,
         hidden_size=64,
@@ -136,20 +143,7 @@ def tiny_vl_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, la
 
 def tiny_text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2) -> Qwen2Config:
     """A text-only Qwen2 of the same shape as the tiny VL model's language part."""
-    ids = _special_ids(tokenizer)
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden_size // 32,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=ids["bos_token_id"],
-        eos_token_id=ids["eos_token_id"],
-        pad_token_id=ids["pad_token_id"],
-    )
+    return Qwen2Config(tie_word_embeddings=True, **_text_settings(tokenizer, hidden_size, layers))
 
 
 def image_processor(min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28) -> Qwen2VLImageProcessorPil:
