@@ -1,14 +1,15 @@
 # Set-up and the two main jobs. Both create .venv on first use; re-running them reuses it.
 #   make test   run the CPU test suite (GPU tests skip themselves)
-#   make demo   train the demo model with RL on CPU
+#   make demo   GRPO on the embedded pretrained mini LMM, CPU (~15-20 min on 2 cores): watch the reward rise
+#   make smoke  the whole pipeline on a tiny random model in seconds
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-DEMO_CONFIG ?= configs/demo/smoke.yaml
+DEMO_CONFIG ?= configs/demo/mini_arith.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo demo-mini lint clean
+.PHONY: venv test demo smoke lint clean
 
 venv: $(STAMP)
 
@@ -26,15 +27,15 @@ $(STAMP):
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The mini model is converted offline on first use into ~/.cache/lmmr1/models/smollm2-135m-vl ($$LMMR1_HOME).
 demo: $(STAMP)
-	test -f models/tiny-vl/config.json || $(VENV)/bin/lmmr1 model tiny --out models/tiny-vl
-	$(VENV)/bin/lmmr1 fit -c $(DEMO_CONFIG)
-
-# The embedded pretrained mini LMM (SmolLM2-135M-Instruct as a Qwen2.5-VL, converted offline into
-# ~/.cache/lmmr1/models/smollm2-135m-vl on first use) learning one-digit arithmetic with GRPO (~15-20 min on 2 cores).
-demo-mini: $(STAMP)
 	$(VENV)/bin/lmmr1 model prepare-mini --if-missing
-	$(VENV)/bin/lmmr1 fit -c configs/demo/mini_arith.yaml
+	$(VENV)/bin/lmmr1 fit -c $(DEMO_CONFIG)
+	$(VENV)/bin/lmmr1 plot runs/demo
+
+smoke: $(STAMP)
+	test -f models/tiny-vl/config.json || $(VENV)/bin/lmmr1 model tiny --out models/tiny-vl
+	$(VENV)/bin/lmmr1 fit -c configs/demo/smoke.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmmr1 tests benchmarks cli.py
