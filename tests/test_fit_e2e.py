@@ -120,3 +120,19 @@ def test_engine_logprobs_can_stand_in_for_the_recompute(tiny_vl_path, mixed_rows
     for (name, p), q in zip(recomputed.policy.named_parameters(), reused.policy.parameters()):
         step = (p - before[f"policy.{name}"]).abs().max()
         assert (p - q).abs().max() <= 1e-4 * step + 1e-9, name  # the updates agree to 1e-4 of their size
+
+
+def test_lr_scheduler_is_stepped_once_per_optimizer_step(tiny_vl_path, mixed_rows, tmp_path):
+    from torch.optim.lr_scheduler import LinearLR
+
+    module = RLModule(policy=Policy(str(tiny_vl_path)), reward=LengthReward(),
+                      sampling=SamplingConfig(n=2, max_new_tokens=4),
+                      algorithm=AlgorithmConfig(kl={"coef": 0.0}, ppo_epochs=2),
+                      optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+                      lr_scheduler=lambda opt: LinearLR(opt, start_factor=0.5, end_factor=1.0, total_iters=8))
+    batches = [PromptProcessor(tiny_vl_path)(mixed_rows[2:])] * 2
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    # 2 batches x 2 PPO epochs = 4 optimizer steps: factor 0.5 + 4 * (0.5 / 8) = 0.75
+    assert module.lr_schedulers().get_last_lr()[0] == pytest.approx(0.75)

@@ -44,3 +44,5 @@ def test_logged_validation_metrics_equal_an_independent_computation(tiny_vl_path
     assert logged["val/mm/accuracy"] == sum(len(t) % 2 == 0 for t in texts) / len(texts)
     assert logged["val/mm/image_arith/accuracy"] == logged["val/mm/accuracy"]
     assert 0.0 <= logged["val/mm/pass@1"] <= logged["val/mm/pass@2"] <= 1.0
+    tested = trainer.test(module, datamodule=data)[0]  # `lmmr1 test`: the same evaluation under test/
+    assert tested["test/mm/accuracy"] == logged["val/mm/accuracy"]

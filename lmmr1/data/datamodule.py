@@ -246,6 +246,10 @@ class PromptDataModule(L.LightningDataModule):
         return [DataLoader(rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=self.collate,
                            num_workers=self.num_workers) for rows in self.val_rows]
 
+    def test_dataloader(self) -> list[DataLoader]:
+        """`lmmr1 test` evaluates the held-out `val` sets."""
+        return self.val_dataloader()
+
     def on_after_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
         # Runs in the main process right before training_step, so prefetched batches are not counted as consumed.
         if self.trainer is not None and self.trainer.training:

@@ -13,8 +13,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from torchmetrics import MeanMetric
 from transformers import AutoTokenizer
 
 from lmmr1.data.processor import PromptBatch
@@ -54,6 +55,7 @@ class RLModule(L.LightningModule):
         sampling: SamplingConfig | None = None,
         algorithm: AlgorithmConfig | None = None,
         optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         evaluation: EvalConfig | None = None,
         critic: Critic | None = None,
     ) -> None:
@@ -66,6 +68,8 @@ class RLModule(L.LightningModule):
             sampling: how completions are sampled (n = group size G).
             algorithm: advantage estimator, KL, loss, clipping, PPO epochs (see README's table).
             optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-6}} (default AdamW lr 1e-6).
+            lr_scheduler: e.g. {class_path: torch.optim.lr_scheduler.LinearLR, init_args: {start_factor: 0.1,
+                total_iters: 10}}; stepped once per optimizer step (warm-up, decay).
             evaluation: validation decoding (greedy accuracy always; pass@k with n > 1 samples).
             critic: value model for `advantage: gae` (initialised from the policy's weights unless given a path).
         """
@@ -81,7 +85,8 @@ class RLModule(L.LightningModule):
         if critic is not None and critic.backbone is None:
             critic.build(policy.path)
         self.critic = critic
-        self.make_optimizer = optimizer
+        self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
+        self._val_metrics = torch.nn.ModuleDict()  # torchmetrics means, created per metric name on first use
         self.evaluation = evaluation or EvalConfig()
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"sampling": asdict(self.sampling), "algorithm": asdict(self.algorithm),
@@ -101,13 +106,14 @@ class RLModule(L.LightningModule):
         if stage == "fit" and hasattr(datamodule, "all_train_rows"):
             self.reward.check_rows(datamodule.all_train_rows())  # uncovered datasources fail now, not mid-run
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
         if self.critic is not None:
             groups.append(self.critic.param_group())  # one optimizer (DeepSpeed drives one), own lr per group
-        if self.make_optimizer is None:
-            return torch.optim.AdamW(groups, lr=1e-6)
-        return self.make_optimizer(groups)
+        optimizer = torch.optim.AdamW(groups, lr=1e-6) if self.make_optimizer is None else self.make_optimizer(groups)
+        if self.make_lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.make_lr_scheduler(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["policy_settings"] = self.policy.settings()
@@ -139,6 +145,8 @@ class RLModule(L.LightningModule):
                 self.manual_backward(loss)
             clip = self._clip_and_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
+            if self.make_lr_scheduler is not None:  # manual optimization: Lightning does not step schedulers
+                self.lr_schedulers().step()
         kl = aggregate(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs), exp.response_mask,
                        "token-mean") if exp.ref_logprobs is not None else torch.zeros(())
         self.kl_controller.update(float(kl), len(exp))
@@ -292,7 +300,9 @@ class RLModule(L.LightningModule):
     # ---- validation: the same engine and reward, greedy accuracy + pass@k ----------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         names = getattr(self.trainer.datamodule, "val", [])
-        prefix = f"val/{names[dataloader_idx].label}" if dataloader_idx < len(names) else f"val/{dataloader_idx}"
+        stage = "test" if self.trainer.testing else "val"
+        name = names[dataloader_idx].label if dataloader_idx < len(names) else str(dataloader_idx)
+        prefix = f"{stage}/{name}"
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
                                 stop=self.sampling.stop)
         completions = [g[0] for g in self.engine.generate(batch, greedy, seed=0)]
@@ -304,8 +314,22 @@ class RLModule(L.LightningModule):
             rows = [row for row in batch.rows for _ in range(self.evaluation.n)]
             sample_scores = self.reward([c.text for g in groups for c in g], rows)
             metrics.update(pass_metrics(sample_scores, self.evaluation.n, self.evaluation.k))
-        for name, (value, count) in metrics.items():  # weighted by count: exact means over the whole set
-            self.log(f"{prefix}/{name}", value, batch_size=count, add_dataloader_idx=False)
+        for name, (value, count) in metrics.items():
+            self._log_mean(f"{prefix}/{name}", value, count)
+
+    def _log_mean(self, name: str, value: float, count: int) -> None:
+        """Count-weighted mean over the whole set (and across ranks) with a torchmetrics MeanMetric per name."""
+        key = name.replace("/", "|").replace(".", "_").replace("@", "_at_")  # ModuleDict keys: no dots
+        if key not in self._val_metrics:
+            self._val_metrics[key] = MeanMetric().to(self.device)
+        metric = self._val_metrics[key]
+        metric.update(torch.tensor(value, device=self.device), weight=torch.tensor(float(count), device=self.device))
+        self.log(name, metric, on_step=False, on_epoch=True, add_dataloader_idx=False,
+                 metric_attribute=f"_val_metrics.{key}")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """`lmmr1 test` evaluates like validation (held-out sets, same engine and reward)."""
+        self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_fit_end(self) -> None:
         self.reward.close()
