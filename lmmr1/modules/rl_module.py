@@ -139,10 +139,12 @@ class RLModule(L.LightningModule):
         exp, scores, dropped = self._rollout(batch)
         exp = self._score_tokens(exp, scores)
         optimizer = self.optimizers()
+        history: list[dict[str, Tensor]] = []
         for _ in range(algo.ppo_epochs):
             for micro in exp.micro_batches(algo.micro_batch_size):
-                loss, metrics = self._loss(micro, exp.response_mask)
+                loss, micro_metrics = self._loss(micro, exp.response_mask)
                 self.manual_backward(loss)
+                history.append(micro_metrics)
             clip = self._clip_and_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             if self.make_lr_scheduler is not None:  # manual optimization: Lightning does not step schedulers
@@ -150,6 +152,7 @@ class RLModule(L.LightningModule):
         kl = aggregate(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs), exp.response_mask,
                        "token-mean") if exp.ref_logprobs is not None else torch.zeros(())
         self.kl_controller.update(float(kl), len(exp))
+        metrics = {k: torch.stack([m[k] for m in history]).mean() for k in history[0]}  # over micro-batches, epochs
         self._log_step(exp, scores, metrics, clip, kl, dropped, time.perf_counter() - start)
         return {"samples": self._sample_records(exp, scores)}
 
