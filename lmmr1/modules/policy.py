@@ -103,6 +103,19 @@ class Policy(nn.Module):
         return {"path": self.path, "dtype": self.dtype, "freeze": self.freeze,
                 "lora": None if self.lora is None else asdict(self.lora)}
 
+    def weights_for_sync(self) -> dict[str, Tensor]:
+        """HF-named weights for a rollout engine that holds its own copy; LoRA is merged into a copy of the base
+        weights and the adapters stay in place for training."""
+        if self.lora is None:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        peft_model = self._peft[0]
+        peft_model.merge_adapter()
+        try:
+            return {k.replace(".base_layer", ""): v.detach().clone() for k, v in self.model.state_dict().items()
+                    if "lora_" not in k}
+        finally:
+            peft_model.unmerge_adapter()
+
     def merged_model(self) -> nn.Module:
         """The HF model with LoRA adapters folded into the base weights (the model itself without LoRA)."""
         if self.lora is None:

@@ -137,6 +137,7 @@ class RLModule(L.LightningModule):
         start = time.perf_counter()
         algo = self.algorithm
         exp, scores, dropped = self._rollout(batch)
+        self.engine.sleep()  # an engine with its own weights frees memory for training; WeightSync wakes it
         exp = self._score_tokens(exp, scores)
         optimizer = self.optimizers()
         history: list[dict[str, Tensor]] = []
