@@ -87,6 +87,7 @@ def test_two_steps_change_every_trainable_policy_parameter_and_not_the_reference
     {"advantage": "dr_grpo", "loss": {"aggregation": "seq-mean-token-sum-norm", "max_len": 8}},
     {"advantage": "grpo", "loss": {"name": "gspo", "clip_low": 3e-4, "clip_high": 4e-4}},
     {"advantage": "grpo", "dynamic_sampling": {"enabled": True}, "overlong": {"buffer": 4}},
+    {"advantage": "grpo", "tis_cap": 2.0},
 ], ids=lambda a: "-".join(str(v) if not isinstance(v, dict) else "+".join(map(str, v.values())) for v in a.values()))
 def test_each_algorithm_option_trains(tiny_vl_path, mixed_rows, tmp_path, algorithm):
     algorithm = {"kl": {"coef": 0.0}, **algorithm}

@@ -200,6 +200,9 @@ class AlgorithmConfig:
     """Optimizer passes over each rollout batch."""
     micro_batch_size: int = 4
     """Samples per forward/backward; gradients are accumulated to one optimizer step per epoch."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token by min(pi_train / pi_rollout, tis_cap) to correct for the
+    rollout engine's numerical mismatch (verl's TIS); null = off."""
     recompute_old_logprobs: bool = True
     """Recompute the old log-probs with a policy forward; False uses the engine's log-probs instead (exact when the
     engine samples from the live policy, e.g. HFEngine, and ppo_epochs is 1; saves one forward pass per step)."""
@@ -222,6 +225,8 @@ class AlgorithmConfig:
         _require(self.entropy_coef >= 0, f"{FLAG}.entropy_coef", f"must be >= 0, got {self.entropy_coef}")
         _require(self.value_clip is None or self.value_clip > 0, f"{FLAG}.value_clip",
                  f"must be > 0 or null, got {self.value_clip}")
+        _require(self.tis_cap is None or self.tis_cap >= 1, f"{FLAG}.tis_cap",
+                 f"must be >= 1 (e.g. 2.0) or null, got {self.tis_cap}")
         _require(self.ppo_epochs >= 1, f"{FLAG}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _require(self.micro_batch_size >= 1, f"{FLAG}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         # Dr. GRPO's point is that both normalisations are removed: std in the advantage AND per-sequence length in

@@ -28,6 +28,7 @@ from lmmr1.modules.algorithms import (
     build_kl_controller,
     filter_groups,
     overlong_penalty,
+    truncated_importance_weights,
     value_loss,
 )
 from lmmr1.modules.critic import Critic
@@ -245,7 +246,11 @@ class RLModule(L.LightningModule):
         algo = self.algorithm
         logprobs, entropy = self.policy.logprobs(**micro.model_inputs(), temperature=self._temperature)
         mask = micro.response_mask
-        loss, metrics = POLICY_LOSSES[algo.loss.name](logprobs, micro.old_logprobs, micro.advantages, mask,
+        advantages = micro.advantages
+        if algo.tis_cap is not None:  # TIS: correct for the engine/trainer log-prob mismatch, token by token
+            advantages = advantages * truncated_importance_weights(micro.old_logprobs, micro.rollout_logprobs, mask,
+                                                                   cap=algo.tis_cap)
+        loss, metrics = POLICY_LOSSES[algo.loss.name](logprobs, micro.old_logprobs, advantages, mask,
                                                       **algo.loss.kwargs())
         agg = dict(mode=algo.loss.aggregation, max_len=algo.loss.max_len)
         if algo.kl.placement == "loss" and micro.ref_logprobs is not None:

@@ -6,6 +6,7 @@
     LOSS_AGGREGATIONS     token-mean, seq-mean-token-mean, seq-mean-token-sum, -sum-norm      (aggregation.py)
     filter_groups         DAPO dynamic sampling                                               (dynamic_sampling.py)
     overlong_penalty      DAPO soft overlong punishment                                       (overlong.py)
+    truncated_importance_weights  TIS for the rollout/training log-prob mismatch             (importance.py)
 
 Nothing here logs, touches devices or global state, or calls `.item()`: the LightningModule orchestrates, these
 functions compute, and each one is tested against a slow reference loop (tests/test_algorithms*.py).
@@ -14,6 +15,7 @@ functions compute, and each one is tested against a slow reference loop (tests/t
 from lmmr1.modules.algorithms.advantages import GROUP_ESTIMATORS, discounted_returns
 from lmmr1.modules.algorithms.aggregation import aggregate, masked_mean, masked_whiten, micro_batch_share
 from lmmr1.modules.algorithms.dynamic_sampling import filter_groups
+from lmmr1.modules.algorithms.importance import truncated_importance_weights
 from lmmr1.modules.algorithms.kl import AdaptiveKLController, FixedKLController, build_kl_controller
 from lmmr1.modules.algorithms.overlong import overlong_penalty
 from lmmr1.modules.algorithms.policy_losses import entropy_bonus, value_loss
@@ -26,6 +28,7 @@ from lmmr1.modules.algorithms.registry import (
 )
 
 __all__ = [
+    "truncated_importance_weights",
     "ADVANTAGE_ESTIMATORS",
     "GROUP_ESTIMATORS",
     "KL_ESTIMATORS",
