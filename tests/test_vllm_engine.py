@@ -22,6 +22,7 @@ from lmmr1.modules.policy import Policy  # noqa: E402
 from lmmr1.rollout.base import SamplingConfig  # noqa: E402
 from lmmr1.rollout.hf import VISION_TOKENS, HFEngine  # noqa: E402
 from lmmr1.rollout.vllm import VLLMEngine  # noqa: E402
+from tests.test_weight_sync import Module, Trainer  # noqa: E402 - the RLModule/Trainer stand-ins WeightSync needs
 
 pytestmark = pytest.mark.vllm
 
@@ -156,27 +157,9 @@ def test_weight_sync_makes_engine_follow_the_perturbed_policy(text, capsys):
         engine.update_weights(policy_weights(policy))
 
 
-class _Module:
-    """The attributes of RLModule that WeightSync uses."""
-
-    def __init__(self, policy, engine, tokenizer):  # noqa: ANN001
-        self.policy, self.engine, self.tokenizer = policy, engine, tokenizer
-        self.sampling, self.device, self.global_step, self.logged = SamplingConfig(temperature=1.0), "cpu", 0, {}
-
-    def log(self, name, value, **_):  # noqa: ANN001
-        self.logged[name] = value
-
-    def log_dict(self, values, **_):  # noqa: ANN001
-        self.logged.update(values)
-
-
-class _Trainer:
-    global_step = 0
-
-
 def test_weight_sync_callback_syncs_after_a_step_and_checks_the_gap(text):
     policy, processor, _, engine, _ = text
-    module, trainer, callback = _Module(policy, engine, processor.tokenizer), _Trainer(), WeightSync(warn_gap=0.05)
+    module, trainer, callback = Module(policy, engine, processor.tokenizer), Trainer(), WeightSync(warn_gap=0.05)
     batch = processor(ROWS)
     callback.on_train_batch_start(trainer, module, batch, 0)
     assert module.logged == {}  # step 0: the engine loaded these weights itself
