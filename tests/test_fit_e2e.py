@@ -36,11 +36,11 @@ def _adam(params):
     return torch.optim.Adam(params, lr=1e-2)  # big lr: tiny-model gradients must move weights
 
 
-def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, optimizer=_adam, **algorithm):
+def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, optimizer=_adam, packing=False, **algorithm):
     proc = PromptProcessor(tiny_vl_path)
     batches = [proc(mixed_rows[:2]), proc(mixed_rows[2:])]  # step 1: images, step 2: text only
     module = RLModule(
-        policy=Policy(str(tiny_vl_path)),
+        policy=Policy(str(tiny_vl_path), packing=packing),
         reward=LengthReward(),
         sampling=SamplingConfig(n=4, max_new_tokens=8),
         algorithm=AlgorithmConfig(**algorithm),
@@ -121,6 +121,43 @@ def test_engine_logprobs_can_stand_in_for_the_recompute(tiny_vl_path, mixed_rows
     for (name, p), q in zip(recomputed.policy.named_parameters(), reused.policy.parameters()):
         step = (p - before[f"policy.{name}"]).abs().max()
         assert (p - q).abs().max() <= 1e-4 * step + 1e-9, name  # the updates agree to 1e-4 of their size
+
+
+def test_packing_with_token_budget_micro_batches_gives_the_padded_update(tiny_vl_path, mixed_rows, tmp_path):
+    """Packed forwards in micro-batches of <= 60 real tokens (policy, reference and critic) step the weights as padded
+    forwards in micro-batches of 4 rows do."""
+    def sgd(params):
+        return torch.optim.SGD(params, lr=1.0)
+
+    def fit(path, **kwargs):
+        torch.manual_seed(0)  # the critic's fresh value head
+        return _fit(tiny_vl_path, mixed_rows, tmp_path / path, optimizer=sgd, kl={"coef": 1e-2},
+                    critic=Critic(lr=1e-3), advantage="gae", lam=0.95, **kwargs)
+
+    padded, before, _ = fit("padded")
+    packed, _, trainer = fit("packed", packing=True, micro_batch_tokens=60)
+    assert packed.critic.packing and packed.reference.packing
+    for (name, p), q in zip(padded.named_parameters(), packed.parameters()):
+        if name.startswith("reference."):
+            continue
+        step = (p - before[name]).abs().max()
+        assert (p - q).abs().max() <= 1e-4 * step + 1e-7, name
+
+
+def test_token_budget_micro_batches():
+    from lmmr1.modules.experience import Experience
+
+    mask = torch.tensor([[1] * 5 + [0] * 5, [1] * 10, [1] * 3 + [0] * 7, [1] * 2 + [0] * 8])
+    exp = Experience(input_ids=torch.zeros(4, 10, dtype=torch.long), attention_mask=mask,
+                     response_mask=torch.ones(4, 2), rollout_logprobs=torch.zeros(4, 2), truncated=torch.zeros(4),
+                     pixel_values=[None] * 4, image_grid_thw=[None] * 4, responses=[""] * 4, rows=[{}] * 4,
+                     group_size=2)
+    sizes = lambda parts: [len(p) for p in parts]  # noqa: E731
+    assert sizes(exp.micro_batches(3)) == [3, 1]
+    assert sizes(exp.micro_batches(99, max_tokens=8, packed=True)) == [1, 1, 2]  # 5 | 10 (alone, over) | 3+2
+    assert sizes(exp.micro_batches(99, max_tokens=19, packed=True)) == [3, 1]  # 5+10+3 | 2
+    assert sizes(exp.micro_batches(99, max_tokens=20, packed=False)) == [2, 2]  # 10 padded columns per row
+    assert exp.micro_batches(99, max_tokens=19, packed=True)[1].attention_mask.tolist() == [[1] * 2 + [0] * 8]
 
 
 def test_lr_scheduler_is_stepped_once_per_optimizer_step(tiny_vl_path, mixed_rows, tmp_path):

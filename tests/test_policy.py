@@ -11,8 +11,11 @@ from lmmr1.modules.policy import Policy
 
 
 def _naive(policy: Policy, inputs: dict, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: the model's own full logits, log_softmax over the whole vocabulary."""
+    """Reference: the model's own full logits (M-RoPE positions computed by transformers from the modality map),
+    log_softmax over the whole vocabulary."""
     extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
+    if extra:
+        extra["mm_token_type_ids"] = (inputs["input_ids"] == policy.model.config.image_token_id).int()
     logits = policy.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra).logits
     logp = torch.log_softmax(logits[:, -T - 1 : -1].float(), -1)
     return logp.gather(-1, inputs["input_ids"][:, -T:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)

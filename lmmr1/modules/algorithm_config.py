@@ -200,6 +200,9 @@ class AlgorithmConfig:
     """Optimizer passes over each rollout batch."""
     micro_batch_size: int = 4
     """Samples per forward/backward; gradients are accumulated to one optimizer step per epoch."""
+    micro_batch_tokens: int | None = None
+    """Form micro-batches by a token budget instead (real tokens with `policy.packing`, rows x padded length
+    without); null = `micro_batch_size` rows each."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token by min(pi_train / pi_rollout, tis_cap) to correct for the
     rollout engine's numerical mismatch (verl's TIS); null = off."""
@@ -229,6 +232,8 @@ class AlgorithmConfig:
                  f"must be >= 1 (e.g. 2.0) or null, got {self.tis_cap}")
         _require(self.ppo_epochs >= 1, f"{FLAG}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _require(self.micro_batch_size >= 1, f"{FLAG}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _require(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, f"{FLAG}.micro_batch_tokens",
+                 f"must be >= 1 or null, got {self.micro_batch_tokens}")
         # Dr. GRPO's point is that both normalisations are removed: std in the advantage AND per-sequence length in
         # the loss (arXiv:2503.20783 sec. 3.1); any other aggregation brings a length bias back.
         _require(self.advantage != "dr_grpo" or self.loss.aggregation == "seq-mean-token-sum-norm",

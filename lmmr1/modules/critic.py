@@ -6,6 +6,7 @@ import os
 
 from torch import Tensor, nn
 
+from lmmr1.modules.packing import response_hidden_states
 from lmmr1.modules.policy import apply_freeze, load_hf_model
 
 
@@ -20,6 +21,7 @@ class Critic(nn.Module):
         gradient_checkpointing: bool = False,
         lr: float | None = None,
         attn_implementation: str = "sdpa",
+        packing: bool | None = None,
     ) -> None:
         """
         Args:
@@ -28,11 +30,13 @@ class Critic(nn.Module):
             freeze: parameter-name prefixes that get no gradient (e.g. ["visual."]).
             gradient_checkpointing: recompute activations in backward to save memory.
             lr: the critic's own learning rate (a separate optimizer parameter group); None = the policy's.
+            attn_implementation: "sdpa" or "flash_attention_2".
+            packing: padding-free forwards, as `Policy(packing=...)`; None = as the policy.
         """
         super().__init__()
         self.settings = dict(dtype=dtype, freeze=list(freeze or []), gradient_checkpointing=gradient_checkpointing,
                              attn_implementation=attn_implementation)
-        self.lr, self.path = lr, path and os.path.expanduser(path)
+        self.lr, self.path, self.packing = lr, path and os.path.expanduser(path), packing
         self.backbone: nn.Module | None = None
         if self.path is not None:
             self.build(self.path)
@@ -62,9 +66,8 @@ class Critic(nn.Module):
         image_grid_thw: Tensor | None = None,
     ) -> Tensor:
         """(N, P+T) sequences -> (N, T) float32 values; position t scores the state before response token t."""
-        extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-        states = hidden.last_hidden_state[:, -response_len - 1 : -1]
+        states = response_hidden_states(self.backbone, input_ids, attention_mask, response_len, pixel_values,
+                                        image_grid_thw, packing=self.packing)
         return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def param_group(self) -> dict:

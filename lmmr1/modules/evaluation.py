@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
 from lmmr1.rewards.base import RewardOutput
 
 CORRECTNESS = ("accuracy", "solved")
@@ -84,3 +88,16 @@ def pass_metrics(scores: RewardOutput, n: int, ks: Sequence[int]) -> dict[str, t
         values = [pass_at_k(n, int(sum(c == 1.0 for c in correct[b * n : (b + 1) * n])), k) for b in range(prompts)]
         metrics[f"pass@{k}"] = (sum(values) / len(values), len(values))
     return metrics
+
+
+def log_mean(module: L.LightningModule, store: torch.nn.ModuleDict, name: str, value: float, count: int = 1) -> None:
+    """Log a count-weighted mean over a whole evaluation set (and across ranks): one torchmetrics MeanMetric per
+    name, kept in `store` so Lightning resets it each epoch."""
+    key = name.replace("/", "|").replace(".", "_").replace("@", "_at_")  # ModuleDict keys: no dots
+    if key not in store:
+        store[key] = MeanMetric().to(module.device)
+    metric = store[key]
+    metric.update(torch.tensor(value, device=module.device), weight=torch.tensor(float(count), device=module.device))
+    attribute = next(n for n, m in module.named_modules() if m is store)
+    module.log(name, metric, on_step=False, on_epoch=True, add_dataloader_idx=False,
+               metric_attribute=f"{attribute}.{key}")

@@ -80,8 +80,21 @@ class Experience:
                 changes[f.name] = [value[i] for i in index]
         return replace(self, **changes)
 
-    def micro_batches(self, size: int) -> list[Experience]:
-        return [self.select(list(range(i, min(i + size, len(self))))) for i in range(0, len(self), size)]
+    def micro_batches(self, size: int, max_tokens: int | None = None, packed: bool = False) -> list[Experience]:
+        """Consecutive rows, `size` at a time; with `max_tokens`, as many rows as fit that many tokens instead (real
+        tokens when packed, rows x padded length otherwise; a row longer than the budget goes alone)."""
+        if max_tokens is None:
+            return [self.select(list(range(i, min(i + size, len(self))))) for i in range(0, len(self), size)]
+        real = self.attention_mask.sum(-1).tolist()
+        groups: list[list[int]] = [[]]
+        for row in range(len(real)):
+            group = groups[-1] + [row]
+            cost = sum(real[i] for i in group) if packed else len(group) * self.input_ids.shape[1]
+            if groups[-1] and cost > max_tokens:
+                groups.append([row])
+            else:
+                groups[-1] = group
+        return [self.select(group) for group in groups]
 
     def to(self, device: torch.device | str) -> Experience:
         changes = {f.name: getattr(self, f.name).to(device) for f in fields(self)

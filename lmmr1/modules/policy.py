@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from lmmr1.modules.packing import response_hidden_states
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +71,7 @@ class Policy(nn.Module):
         attn_implementation: str = "sdpa",
         logprob_chunk: int = 256,
         lora: LoraSettings | None = None,
+        packing: bool = False,
     ) -> None:
         """
         Args:
@@ -80,10 +83,13 @@ class Policy(nn.Module):
             logprob_chunk: response positions per LM-head chunk; the (N, chunk, vocab) logits of one chunk are the
                 only ones alive at a time (recomputed in backward). 0 = all positions at once.
             lora: train LoRA adapters instead of the full weights (None = full fine-tuning).
+            packing: padding-free forwards: the real tokens of a micro-batch in one row, attention kept within each
+                sequence (SDPA block-diagonal mask on CPU, flash-attn varlen on GPU). Same log-probs, less compute
+                when lengths vary.
         """
         super().__init__()
         path = os.path.expanduser(path)  # configs may point into ~/.cache/lmmr1
-        self.path, self.dtype, self.logprob_chunk = path, dtype, logprob_chunk
+        self.path, self.dtype, self.logprob_chunk, self.packing = path, dtype, logprob_chunk, packing
         self.model = load_hf_model(path, dtype, attn_implementation).train()  # from_pretrained returns eval mode
         self.freeze = list(freeze or [])
         apply_freeze(self.model, self.freeze)
@@ -146,9 +152,8 @@ class Policy(nn.Module):
         Returns:
             (logprobs, entropy), each (N, T), float32.
         """
-        extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-        states = hidden.last_hidden_state[:, -response_len - 1 : -1]  # position t predicts token t+1
+        states = response_hidden_states(self.model.model, input_ids, attention_mask, response_len, pixel_values,
+                                        image_grid_thw, packing=self.packing)
         targets = input_ids[:, -response_len:]
         head = self.model.get_output_embeddings()
         chunk = self.logprob_chunk or response_len

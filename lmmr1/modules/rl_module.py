@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torchmetrics import MeanMetric
 from transformers import AutoTokenizer
 
 from lmmr1.data.processor import PromptBatch
@@ -32,7 +31,7 @@ from lmmr1.modules.algorithms import (
     value_loss,
 )
 from lmmr1.modules.critic import Critic
-from lmmr1.modules.evaluation import EvalConfig, greedy_metrics, pass_metrics
+from lmmr1.modules.evaluation import EvalConfig, greedy_metrics, log_mean, pass_metrics
 from lmmr1.modules.experience import Experience
 from lmmr1.modules.policy import Policy
 from lmmr1.rewards import Reward, RewardOutput, build_reward
@@ -85,6 +84,8 @@ class RLModule(L.LightningModule):
                              max_new_tokens=self.sampling.max_new_tokens)
         if critic is not None and critic.backbone is None:
             critic.build(policy.path)
+        if critic is not None and critic.packing is None:
+            critic.packing = policy.packing
         self.critic = critic
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         self._val_metrics = torch.nn.ModuleDict()  # torchmetrics means, created per metric name on first use
@@ -94,7 +95,8 @@ class RLModule(L.LightningModule):
                                    "evaluation": asdict(self.evaluation), "policy": policy.settings()})
         self.reference = None
         if self.algorithm.needs_reference:
-            self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."))
+            self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
+                                    logprob_chunk=policy.logprob_chunk, packing=policy.packing)
             self.reference.requires_grad_(False).eval()
         self.kl_controller = build_kl_controller(self.algorithm.kl)
         self.grad_clip = self.algorithm.grad_clip.build()
@@ -143,7 +145,7 @@ class RLModule(L.LightningModule):
         optimizer = self.optimizers()
         history: list[dict[str, Tensor]] = []
         for _ in range(algo.ppo_epochs):
-            for micro in exp.micro_batches(algo.micro_batch_size):
+            for micro in self._micro_batches(exp):
                 loss, micro_metrics = self._loss(micro, exp.response_mask)
                 self.manual_backward(loss)
                 history.append(micro_metrics)
@@ -211,15 +213,15 @@ class RLModule(L.LightningModule):
         algo = self.algorithm
         if algo.recompute_old_logprobs:
             exp.old_logprobs = torch.cat([self.policy.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
-                                          for m in exp.micro_batches(algo.micro_batch_size)])
+                                          for m in self._micro_batches(exp)])
         else:
             exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
             exp.ref_logprobs = torch.cat([self.reference.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
-                                          for m in exp.micro_batches(algo.micro_batch_size)])
+                                          for m in self._micro_batches(exp)])
         if self.critic is not None:
             exp.values = torch.cat([self.critic.values(**m.model_inputs())
-                                    for m in exp.micro_batches(algo.micro_batch_size)])
+                                    for m in self._micro_batches(exp)])
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
         if algo.overlong.buffer > 0:
             rewards = rewards + overlong_penalty(exp.response_mask.sum(-1), max_new_tokens=self.sampling.max_new_tokens,
@@ -235,6 +237,10 @@ class RLModule(L.LightningModule):
             rewards, exp.response_mask, group_size=exp.group_size, token_rewards=token_rewards, values=exp.values,
             gamma=algo.gamma, lam=algo.lam)
         return exp
+
+    def _micro_batches(self, exp: Experience) -> list[Experience]:
+        algo = self.algorithm
+        return exp.micro_batches(algo.micro_batch_size, max_tokens=algo.micro_batch_tokens, packed=self.policy.packing)
 
     @property
     def _temperature(self) -> float:
@@ -324,17 +330,7 @@ class RLModule(L.LightningModule):
             sample_scores = self.reward([c.text for g in groups for c in g], rows)
             metrics.update(pass_metrics(sample_scores, self.evaluation.n, self.evaluation.k))
         for name, (value, count) in metrics.items():
-            self._log_mean(f"{prefix}/{name}", value, count)
-
-    def _log_mean(self, name: str, value: float, count: int) -> None:
-        """Count-weighted mean over the whole set (and across ranks) with a torchmetrics MeanMetric per name."""
-        key = name.replace("/", "|").replace(".", "_").replace("@", "_at_")  # ModuleDict keys: no dots
-        if key not in self._val_metrics:
-            self._val_metrics[key] = MeanMetric().to(self.device)
-        metric = self._val_metrics[key]
-        metric.update(torch.tensor(value, device=self.device), weight=torch.tensor(float(count), device=self.device))
-        self.log(name, metric, on_step=False, on_epoch=True, add_dataloader_idx=False,
-                 metric_attribute=f"_val_metrics.{key}")
+            log_mean(self, self._val_metrics, f"{prefix}/{name}", value, count)
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """`lmmr1 test` evaluates like validation (held-out sets, same engine and reward)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lmmr1.data.processor import PromptBatch, concat_images
+from lmmr1.modules.packing import mm_token_type_ids
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
 
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -73,8 +74,9 @@ class HFEngine(RolloutEngine):
                   "attention_mask": prompts.attention_mask[index].to(device)}
         pixels, grids = concat_images([prompts.pixel_values[i] for i in rows],
                                       [prompts.image_grid_thw[i] for i in rows])
-        if pixels is not None:
-            inputs.update(pixel_values=pixels.to(device), image_grid_thw=grids.to(device))
+        if pixels is not None:  # the modality map switches Qwen-VL generation to M-RoPE, as in training and vLLM
+            inputs.update(pixel_values=pixels.to(device), image_grid_thw=grids.to(device),
+                          mm_token_type_ids=mm_token_type_ids(self.policy.model.config, inputs["input_ids"]))
         out = self.policy.model.generate(**inputs, **options)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
         logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, V)

@@ -1,0 +1,94 @@
+"""How token rows enter a training forward: RoPE positions (Qwen-VL's M-RoPE included) and padding-free packing.
+
+Packing concatenates the real tokens of N padded rows into one row. Positions restart at 0 for every sequence, and
+transformers reads those restarts as sequence boundaries: a block-diagonal causal mask under SDPA (CPU), variable-length
+attention under flash-attn (GPU). Images need nothing extra: their patches stay in row order, as their tokens do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def mm_token_type_ids(config: object, input_ids: Tensor) -> Tensor:
+    """Qwen-VL's modality map of a token row: 0 text, 1 image placeholder, 2 video placeholder."""
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    types[input_ids == config.image_token_id] = 1
+    video = getattr(config, "video_token_id", None)
+    if video is not None:
+        types[input_ids == video] = 2
+    return types
+
+
+def rope_positions(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   image_grid_thw: Tensor | None) -> Tensor:
+    """Positions of left/right-padded rows as generation assigns them: (N, L) counting real tokens from 0, or
+    (3, N, L) M-RoPE (temporal, height, width) for models with `get_rope_index`, where image tokens take 2-D grid
+    positions. Padding gets position 0 (it is masked out)."""
+    text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    rope_index = getattr(backbone, "get_rope_index", None)
+    if rope_index is None:
+        return text
+    if image_grid_thw is None:  # text only: all three M-RoPE axes equal the 1-D position
+        return text.unsqueeze(0).expand(3, -1, -1)
+    positions, _ = rope_index(input_ids, mm_token_type_ids=mm_token_type_ids(backbone.config, input_ids),
+                              image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    return positions
+
+
+@dataclass
+class PackedRows:
+    """N padded rows laid out as one row of S real tokens."""
+
+    input_ids: Tensor  # (1, S) every row's real tokens, row after row
+    position_ids: Tensor  # (1, S), or (4, 1, S) = per-sequence text positions stacked on the 3 M-RoPE axes
+    state_index: Tensor  # (N, T) index in S of the hidden state that predicts response token t of row n
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor, response_len: int, positions: Tensor) -> PackedRows:
+    """Drop the padding of (N, L) rows whose last `response_len` columns are the response.
+
+    `positions` is `rope_positions` of the padded rows. Response columns that are padding point at the row's last
+    real token; their values are garbage and must stay masked, as in the padded layout.
+    """
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    offsets = lengths.cumsum(0) - lengths
+    within = keep.long().cumsum(-1) - 1  # index of each column among its row's real tokens
+    packed_index = offsets.unsqueeze(-1) + within.clamp(min=0)
+    L = input_ids.shape[1]
+    state_index = packed_index[:, L - response_len - 1 : L - 1]  # column c is predicted by column c - 1
+    text = within[keep].unsqueeze(0)
+    if positions.dim() == 3:
+        position_ids = torch.cat([text, positions[:, keep]]).unsqueeze(1)
+    else:
+        position_ids = text
+    return PackedRows(input_ids[keep].unsqueeze(0), position_ids, state_index)
+
+
+def response_hidden_states(
+    backbone: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    pixel_values: Tensor | None = None,
+    image_grid_thw: Tensor | None = None,
+    packing: bool = False,
+) -> Tensor:
+    """(N, T, H) last hidden states at the positions that predict each of the last `response_len` tokens.
+
+    `backbone` is the decoder without its LM head (`model.model` of a HF causal LM or image-text-to-text model).
+    """
+    extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+    positions = rope_positions(backbone, input_ids, attention_mask, image_grid_thw)
+    if not packing:
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                       **extra)
+        return out.last_hidden_state[:, -response_len - 1 : -1]
+    packed = pack_rows(input_ids, attention_mask, response_len, positions)
+    out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                   use_cache=False, **extra)
+    return out.last_hidden_state[0][packed.state_index]
