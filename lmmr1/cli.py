@@ -14,11 +14,11 @@ import importlib
 import sys
 import warnings
 
+import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lmmr1.data.datamodule import CurriculumDataModule
-from lmmr1.modules.rl_module import RLModule
 
 TOOLS = {
     "score": "lmmr1.rewards.score",
@@ -30,9 +30,13 @@ TOOLS = {
 
 
 class RLCLI(LightningCLI):
+    """`model` is RL training (`RLModule`) unless a config names another module by `model.class_path`, e.g.
+    `lmmr1.modules.sft_module.SFTModule` for vision alignment; `--model.x` overrides work either way."""
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+        parser.set_defaults({"model": {"class_path": "lmmr1.modules.rl_module.RLModule"}})
         # The prompts must be tokenized with the policy's own tokenizer / image processor: set once, used twice.
-        parser.link_arguments("model.policy.init_args.path", "data.processor_path")
+        parser.link_arguments("model.init_args.policy.init_args.path", "data.processor_path")
 
 
 # Known-benign warnings: checkpoints are meant to hold the post-update state; the frozen reference is in eval mode.
@@ -49,8 +53,9 @@ def main(args: ArgsType = None) -> int | None:
         warnings.filterwarnings("ignore", message=message)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     RLCLI(
-        RLModule,
+        L.LightningModule,
         CurriculumDataModule,
+        subclass_mode_model=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module builds its optimizer from --model.optimizer

@@ -25,7 +25,7 @@ def test_config_parses(config, capsys):
         main(["fit", "-c", config, "--print_config"])
     assert exit_info.value.code == 0
     printed = _printed_config(capsys.readouterr().out)
-    assert printed["model"]["policy"]["init_args"]["path"]
+    assert printed["model"]["init_args"]["policy"]["init_args"]["path"]
     assert "processor_path" not in printed["data"]  # linked from the policy path, so not a separate option
 
 
@@ -34,8 +34,8 @@ def test_command_line_overrides_the_yaml(capsys):
         main(["fit", "-c", "configs/demo/smoke.yaml", "--model.sampling.n", "3", "--model.algorithm.advantage", "rloo",
               "--print_config"])
     printed = _printed_config(capsys.readouterr().out)
-    assert printed["model"]["sampling"]["n"] == 3
-    assert printed["model"]["algorithm"]["advantage"] == "rloo"
+    assert printed["model"]["init_args"]["sampling"]["n"] == 3
+    assert printed["model"]["init_args"]["algorithm"]["advantage"] == "rloo"
 
 
 def test_bad_option_value_names_the_flag(capsys):

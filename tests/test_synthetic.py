@@ -17,7 +17,7 @@ from lmmr1.data.synthetic import GENERATORS, levels_of, make, split_of
 from lmmr1.envs.sokoban import Level, parse_plan, play, solve
 
 KINDS = sorted(GENERATORS)
-N = {"arith": 12, "image-arith": 6, "geometry": 10, "sokoban": 5}
+N = {"arith": 12, "image-arith": 6, "geometry": 10, "sokoban": 5, "numbers": 12, "shapes": 6}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -69,7 +69,8 @@ def test_rows_load_and_follow_the_row_format(kind, tmp_path):
         else:
             assert len(images) == 1 and re.fullmatch(r"images/\d{6}\.png", images[0])  # relative in the file
             with Image.open(row_images(row)[0]) as image:
-                assert 112 <= min(image.size) and max(image.size) <= 224
+                smallest = 56 if kind in ("numbers", "shapes") else 112  # perception pictures are a few tokens
+                assert smallest <= min(image.size) and max(image.size) <= 224
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -182,3 +183,18 @@ def test_make_errors(tmp_path):
     with pytest.raises(ValueError, match=r"only \d+ distinct val problems"):
         make("arith", 100, 0, tmp_path, difficulty=1, split="val")
     assert make("image_arith", 2, 0, tmp_path).exists()  # underscore spelling of the kind works too
+
+
+def test_perception_rows_answer_their_picture(tmp_path):
+    from lmmr1.data.synthetic.perception import NUMBER_SIZE, SHAPES, number_image
+
+    rows = _rows(make("numbers", 30, seed=1, out=tmp_path / "n"))
+    for row in rows:
+        assert row["answer"].isdigit() and len(row["answer"]) == row["digits"] == row["difficulty"]
+        value, style = row["problem"].split("/")
+        assert value == row["answer"]
+        image = Image.open(tmp_path / "n" / row["message"][-1]["content"][0]["image"])
+        assert image.size == NUMBER_SIZE
+        assert image.tobytes() == number_image(int(value), int(style)).tobytes()  # the picture shows the answer
+    assert number_image(123, 7).tobytes() != number_image(124, 7).tobytes()
+    assert {r["answer"] for r in _rows(make("shapes", 40, seed=1, out=tmp_path / "s"))} == set(SHAPES)

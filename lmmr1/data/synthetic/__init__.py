@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lmmr1.data.synthetic import arith, geometry, image_arith, sokoban
+from lmmr1.data.synthetic import arith, geometry, image_arith, perception, sokoban
 from lmmr1.data.synthetic.problem import SPLIT_SHARES, SYSTEM_PROMPT, Generator, split_of
 
 GENERATORS: dict[str, Generator] = {
@@ -26,6 +26,8 @@ GENERATORS: dict[str, Generator] = {
     "image-arith": image_arith.GENERATOR,
     "geometry": geometry.GENERATOR,
     "sokoban": sokoban.GENERATOR,
+    "numbers": perception.NUMBERS,
+    "shapes": perception.SHAPES_GENERATOR,
 }
 _NAMES = {"easy": 0.0, "medium": 0.5, "hard": 1.0}  # fraction of the way from level 1 to the top level
 

@@ -1,0 +1,118 @@
+"""Supervised fine-tuning on (prompt, answer) rows: the cross-entropy of the answer tokens given prompt + images.
+
+Its first job is vision alignment (`configs/demo/align_vision.yaml`): a fresh vision tower + merger learn to speak
+the frozen language model's language by reading synthetic images, before RL. Validation decodes greedily through the
+rollout engine and scores exact match, per datasource.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from transformers import AutoTokenizer
+
+from lmmr1.data.processor import PromptBatch, concat_images
+from lmmr1.modules.evaluation import log_mean
+from lmmr1.modules.policy import Policy
+from lmmr1.rollout.base import RolloutEngine, SamplingConfig
+from lmmr1.rollout.hf import HFEngine
+
+
+class SFTModule(L.LightningModule):
+    """Teacher-forced answer tokens; automatic optimization, so Lightning's gradient clipping, accumulation and LR
+    schedulers apply as usual."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        target_key: str = "answer",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        engine: RolloutEngine | None = None,
+        max_new_tokens: int = 8,
+    ) -> None:
+        """
+        Args:
+            policy: the model; its `freeze` decides what trains (vision alignment: the language model and LM head).
+            target_key: the row field holding the target text; the end-of-turn token is appended to it.
+            optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-3}} (default AdamW lr 1e-4).
+            lr_scheduler: stepped once per optimizer step, e.g. a warm-up.
+            engine: generation for validation (default: Hugging Face generate on the live policy).
+            max_new_tokens: greedy decoding budget in validation.
+        """
+        super().__init__()
+        self.policy, self.target_key = policy, target_key
+        self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
+        self.engine = engine or HFEngine()
+        self.decoding = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        self._val_metrics = torch.nn.ModuleDict()
+        self.save_hyperparameters({"policy": policy.settings(), "target_key": target_key})
+
+    def setup(self, stage: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy.path, padding_side="left")
+        self.engine.bind(self.policy, self.tokenizer)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4) if self.make_optimizer is None else self.make_optimizer(params)
+        if self.make_lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["policy_settings"] = self.policy.settings()  # `lmmr1 model export` rebuilds the policy from it
+
+    def targets(self, batch: PromptBatch) -> tuple[dict[str, Any], Tensor]:
+        """`Policy.logprobs` inputs of prompt + target rows, and the (B, T) mask of the target tokens."""
+        pieces = []
+        for i, row in enumerate(batch.rows):
+            text = row.get(self.target_key)
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{row.get('_where', f'batch row {i}')}: {self.target_key!r} is missing or empty; "
+                                 f"SFT needs the target text there")
+            pieces.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id])
+        T = max(map(len, pieces))
+        target = torch.full((len(pieces), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(pieces), T, dtype=torch.long)
+        for i, ids in enumerate(pieces):
+            target[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), 1
+        target, mask = target.to(batch.input_ids.device), mask.to(batch.input_ids.device)
+        pixels, grids = concat_images(batch.pixel_values, batch.image_grid_thw)
+        inputs = dict(input_ids=torch.cat([batch.input_ids, target], 1),
+                      attention_mask=torch.cat([batch.attention_mask, mask], 1), response_len=T,
+                      pixel_values=None if pixels is None else pixels.to(self.device),
+                      image_grid_thw=None if grids is None else grids.to(self.device))
+        return inputs, mask.float()
+
+    def loss(self, batch: PromptBatch) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy over all target tokens, and the share of rows whose every target token has p > 1/2
+        (then each is the argmax: a cheap lower bound of teacher-forced exact match)."""
+        inputs, mask = self.targets(batch)
+        logprobs, _ = self.policy.logprobs(**inputs)
+        loss = -(logprobs * mask).sum() / mask.sum()
+        exact = ((logprobs.detach() > -0.6931) | (mask == 0)).all(-1).float().mean()
+        return loss, exact
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        loss, exact = self.loss(batch)
+        self.log_dict({"train/loss": loss, "train/exact": exact}, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Greedy exact match of the stripped generation against the target, per validation set and datasource."""
+        names = getattr(self.trainer.datamodule, "val", [])
+        label = names[dataloader_idx].label if dataloader_idx < len(names) else str(dataloader_idx)
+        stage = "test" if self.trainer.testing else "val"
+        completions = self.engine.generate(batch, self.decoding)
+        for row, group in zip(batch.rows, completions):
+            right = float(group[0].text.strip() == str(row.get(self.target_key, "")).strip())
+            for name in (f"{stage}/{label}/exact", f"{stage}/{label}/{row.get('datasource', 'unknown')}/exact"):
+                log_mean(self, self._val_metrics, name, right)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
