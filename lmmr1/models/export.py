@@ -24,7 +24,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     settings = state.get("policy_settings")
     if settings is None:
-        raise ValueError(f"{checkpoint}: not an lmmr1 RL checkpoint (no 'policy_settings' entry)")
+        raise ValueError(f"{checkpoint}: not an lmmr1 checkpoint (no 'policy_settings' entry)")
     lora = settings.get("lora")
     policy = Policy(settings["path"], dtype=settings["dtype"], freeze=settings.get("freeze"),
                     lora=None if lora is None else LoraSettings(**lora))

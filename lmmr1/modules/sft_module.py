@@ -3,6 +3,12 @@
 Its first job is vision alignment (`configs/demo/align_vision.yaml`): a fresh vision tower + merger learn to speak
 the frozen language model's language by reading synthetic images, before RL. Validation decodes greedily through the
 rollout engine and scores exact match, per datasource.
+
+A fresh tower learns slowly through a frozen language model (every step is a full LM forward and backward, and the
+gradient reaching the image tokens is weak at first). `ctc_steps` adds a cheap first phase without the LM: the image
+tokens of each picture, scored by cosine against the LM's own token embeddings, learn to spell the target's tokens
+left to right under a CTC loss (arXiv:cs/0606061), so they start the second phase pointing at the embeddings of the
+tokens they show.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ class SFTModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         engine: RolloutEngine | None = None,
         max_new_tokens: int = 8,
+        ctc_steps: int = 0,
+        ctc_blank: str = " ",
+        ctc_scale: float = 20.0,
     ) -> None:
         """
         Args:
@@ -43,12 +52,17 @@ class SFTModule(L.LightningModule):
             lr_scheduler: stepped once per optimizer step, e.g. a warm-up.
             engine: generation for validation (default: Hugging Face generate on the live policy).
             max_new_tokens: greedy decoding budget in validation.
+            ctc_steps: optimizer steps of the LM-free CTC phase before answer cross-entropy (0 = none); needs one
+                image per row and a model whose input embeddings are its output embeddings' vocabulary.
+            ctc_blank: the text of the token that plays CTC's blank (an image token that shows nothing).
+            ctc_scale: inverse temperature of the cosine scores in the CTC phase.
         """
         super().__init__()
         self.policy, self.target_key = policy, target_key
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         self.engine = engine or HFEngine()
         self.decoding = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        self.ctc_steps, self.ctc_blank, self.ctc_scale = ctc_steps, ctc_blank, ctc_scale
         self._val_metrics = torch.nn.ModuleDict()
         self.save_hyperparameters({"policy": policy.settings(), "target_key": target_key})
 
@@ -98,7 +112,41 @@ class SFTModule(L.LightningModule):
         exact = ((logprobs.detach() > -0.6931) | (mask == 0)).all(-1).float().mean()
         return loss, exact
 
+    def ctc_loss(self, batch: PromptBatch) -> Tensor:
+        """CTC of each row's target tokens over its image tokens (mean over rows of the per-token-normalised loss).
+
+        A frame's score for a token is `ctc_scale` x the cosine between the image token and the token's input
+        embedding, over the tokens of this batch's targets plus the blank: the small, similar embeddings of digits
+        make a full-vocabulary softmax of raw dot products reward norm growth rather than pointing at the digit.
+        """
+        for i, (grids, row) in enumerate(zip(batch.image_grid_thw, batch.rows)):
+            if grids is None or len(grids) != 1:
+                raise ValueError(f"{row.get('_where', f'batch row {i}')}: the CTC phase (ctc_steps) needs exactly one "
+                                 f"image per row")
+        blank = self.tokenizer(self.ctc_blank, add_special_tokens=False)["input_ids"]
+        if len(blank) != 1:
+            raise ValueError(f"--model.init_args.ctc_blank: {self.ctc_blank!r} is {len(blank)} tokens, must be one")
+        targets = [self.tokenizer(row[self.target_key], add_special_tokens=False)["input_ids"] for row in batch.rows]
+        classes = sorted({t for ts in targets for t in ts} | set(blank))
+        column = {token: i for i, token in enumerate(classes)}
+        pixels, grids = concat_images(batch.pixel_values, batch.image_grid_thw)
+        features = self.policy.model.model.get_image_features(pixels.to(self.device), grids.to(self.device))
+        frames = torch.nn.functional.normalize(torch.cat(features.pooler_output).float(), dim=-1)
+        embeddings = self.policy.model.get_input_embeddings().weight[classes].float()
+        logp = (self.ctc_scale * frames @ torch.nn.functional.normalize(embeddings, dim=-1).T).log_softmax(-1)
+        lengths = [len(f) for f in features.pooler_output]
+        logp = torch.stack([torch.nn.functional.pad(piece, (0, 0, 0, max(lengths) - len(piece)))
+                            for piece in logp.split(lengths)], dim=1)  # (frames, B, classes)
+        return torch.nn.functional.ctc_loss(
+            logp, torch.tensor([column[t] for ts in targets for t in ts], device=self.device),
+            input_lengths=torch.tensor(lengths), target_lengths=torch.tensor(list(map(len, targets))),
+            blank=column[blank[0]], zero_infinity=True)
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        if self.global_step < self.ctc_steps:
+            loss = self.ctc_loss(batch)
+            self.log("train/ctc_loss", loss, prog_bar=True, batch_size=len(batch))
+            return loss
         loss, exact = self.loss(batch)
         self.log_dict({"train/loss": loss, "train/exact": exact}, prog_bar=True, batch_size=len(batch))
         return loss
