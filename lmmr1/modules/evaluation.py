@@ -90,14 +90,13 @@ def pass_metrics(scores: RewardOutput, n: int, ks: Sequence[int]) -> dict[str, t
     return metrics
 
 
-def log_mean(module: L.LightningModule, store: torch.nn.ModuleDict, name: str, value: float, count: int = 1) -> None:
+def log_mean(module: L.LightningModule, name: str, value: float, count: int = 1, store: str = "_val_metrics") -> None:
     """Log a count-weighted mean over a whole evaluation set (and across ranks): one torchmetrics MeanMetric per
-    name, kept in `store` so Lightning resets it each epoch."""
+    name, kept in the module's ModuleDict `store` so Lightning resets it each epoch."""
+    metrics: torch.nn.ModuleDict = getattr(module, store)
     key = name.replace("/", "|").replace(".", "_").replace("@", "_at_")  # ModuleDict keys: no dots
-    if key not in store:
-        store[key] = MeanMetric().to(module.device)
-    metric = store[key]
+    if key not in metrics:
+        metrics[key] = MeanMetric().to(module.device)
+    metric = metrics[key]
     metric.update(torch.tensor(value, device=module.device), weight=torch.tensor(float(count), device=module.device))
-    attribute = next(n for n, m in module.named_modules() if m is store)
-    module.log(name, metric, on_step=False, on_epoch=True, add_dataloader_idx=False,
-               metric_attribute=f"{attribute}.{key}")
+    module.log(name, metric, on_step=False, on_epoch=True, add_dataloader_idx=False, metric_attribute=f"{store}.{key}")

@@ -330,7 +330,7 @@ class RLModule(L.LightningModule):
             sample_scores = self.reward([c.text for g in groups for c in g], rows)
             metrics.update(pass_metrics(sample_scores, self.evaluation.n, self.evaluation.k))
         for name, (value, count) in metrics.items():
-            log_mean(self, self._val_metrics, f"{prefix}/{name}", value, count)
+            log_mean(self, f"{prefix}/{name}", value, count)
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """`lmmr1 test` evaluates like validation (held-out sets, same engine and reward)."""

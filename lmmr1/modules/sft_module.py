@@ -160,7 +160,7 @@ class SFTModule(L.LightningModule):
         for row, group in zip(batch.rows, completions):
             right = float(group[0].text.strip() == str(row.get(self.target_key, "")).strip())
             for name in (f"{stage}/{label}/exact", f"{stage}/{label}/{row.get('datasource', 'unknown')}/exact"):
-                log_mean(self, self._val_metrics, name, right)
+                log_mean(self, name, right)
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
