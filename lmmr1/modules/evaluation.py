@@ -90,6 +90,13 @@ def pass_metrics(scores: RewardOutput, n: int, ks: Sequence[int]) -> dict[str, t
     return metrics
 
 
+def eval_prefix(module: L.LightningModule, dataloader_idx: int) -> str:
+    """"val/<set>" or "test/<set>": the stage and the label of the held-out set this dataloader serves."""
+    sets = getattr(module.trainer.datamodule, "val", [])
+    name = sets[dataloader_idx].label if dataloader_idx < len(sets) else str(dataloader_idx)
+    return f"{'test' if module.trainer.testing else 'val'}/{name}"
+
+
 def log_mean(module: L.LightningModule, name: str, value: float, count: int = 1, store: str = "_val_metrics") -> None:
     """Log a count-weighted mean over a whole evaluation set (and across ranks): one torchmetrics MeanMetric per
     name, kept in the module's ModuleDict `store` so Lightning resets it each epoch."""

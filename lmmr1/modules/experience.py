@@ -85,15 +85,15 @@ class Experience:
         tokens when packed, rows x padded length otherwise; a row longer than the budget goes alone)."""
         if max_tokens is None:
             return [self.select(list(range(i, min(i + size, len(self))))) for i in range(0, len(self), size)]
-        real = self.attention_mask.sum(-1).tolist()
+        costs = self.attention_mask.sum(-1).tolist() if packed else [self.input_ids.shape[1]] * len(self)
         groups: list[list[int]] = [[]]
-        for row in range(len(real)):
-            group = groups[-1] + [row]
-            cost = sum(real[i] for i in group) if packed else len(group) * self.input_ids.shape[1]
-            if groups[-1] and cost > max_tokens:
-                groups.append([row])
-            else:
-                groups[-1] = group
+        total = 0
+        for row, cost in enumerate(costs):
+            if groups[-1] and total + cost > max_tokens:
+                groups.append([])
+                total = 0
+            groups[-1].append(row)
+            total += cost
         return [self.select(group) for group in groups]
 
     def to(self, device: torch.device | str) -> Experience:

@@ -31,7 +31,7 @@ from lmmr1.modules.algorithms import (
     value_loss,
 )
 from lmmr1.modules.critic import Critic
-from lmmr1.modules.evaluation import EvalConfig, greedy_metrics, log_mean, pass_metrics
+from lmmr1.modules.evaluation import EvalConfig, eval_prefix, greedy_metrics, log_mean, pass_metrics
 from lmmr1.modules.experience import Experience
 from lmmr1.modules.policy import Policy
 from lmmr1.rewards import Reward, RewardOutput, build_reward
@@ -314,10 +314,7 @@ class RLModule(L.LightningModule):
 
     # ---- validation: the same engine and reward, greedy accuracy + pass@k ----------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        names = getattr(self.trainer.datamodule, "val", [])
-        stage = "test" if self.trainer.testing else "val"
-        name = names[dataloader_idx].label if dataloader_idx < len(names) else str(dataloader_idx)
-        prefix = f"{stage}/{name}"
+        prefix = eval_prefix(self, dataloader_idx)
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
                                 stop=self.sampling.stop)
         completions = [g[0] for g in self.engine.generate(batch, greedy, seed=0)]

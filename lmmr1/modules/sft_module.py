@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import AutoTokenizer
 
 from lmmr1.data.processor import PromptBatch, concat_images
-from lmmr1.modules.evaluation import log_mean
+from lmmr1.modules.evaluation import eval_prefix, log_mean
 from lmmr1.modules.policy import Policy
 from lmmr1.rollout.base import RolloutEngine, SamplingConfig
 from lmmr1.rollout.hf import HFEngine
@@ -153,13 +153,11 @@ class SFTModule(L.LightningModule):
 
     def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Greedy exact match of the stripped generation against the target, per validation set and datasource."""
-        names = getattr(self.trainer.datamodule, "val", [])
-        label = names[dataloader_idx].label if dataloader_idx < len(names) else str(dataloader_idx)
-        stage = "test" if self.trainer.testing else "val"
+        prefix = eval_prefix(self, dataloader_idx)
         completions = self.engine.generate(batch, self.decoding)
         for row, group in zip(batch.rows, completions):
             right = float(group[0].text.strip() == str(row.get(self.target_key, "")).strip())
-            for name in (f"{stage}/{label}/exact", f"{stage}/{label}/{row.get('datasource', 'unknown')}/exact"):
+            for name in (f"{prefix}/exact", f"{prefix}/{row.get('datasource', 'unknown')}/exact"):
                 log_mean(self, name, right)
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
