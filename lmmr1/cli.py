@@ -19,6 +19,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lmmr1.data.datamodule import CurriculumDataModule
+from lmmr1.distributed import strategy as _strategy  # noqa: F401  registers the CPU-capable deepspeed* names
 
 TOOLS = {
     "score": "lmmr1.rewards.score",

@@ -169,8 +169,9 @@ def test_lr_scheduler_is_stepped_once_per_optimizer_step(tiny_vl_path, mixed_row
                       optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
                       lr_scheduler=lambda opt: LinearLR(opt, start_factor=0.5, end_factor=1.0, total_iters=8))
     batches = [PromptProcessor(tiny_vl_path)(mixed_rows[2:])] * 2
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    # 2 batches x 2 PPO epochs = 4 optimizer steps: factor 0.5 + 4 * (0.5 / 8) = 0.75
+    # 2 RL steps (global_step counts rollouts) x 2 PPO epochs = 4 optimizer steps: factor 0.5 + 4 * (0.5 / 8) = 0.75
+    assert trainer.global_step == 2
     assert module.lr_schedulers().get_last_lr()[0] == pytest.approx(0.75)

@@ -21,16 +21,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lmmr1.distributed import zero3_partitioned
 from lmmr1.rollout.base import RolloutEngine, SamplingConfig
 
 
 def holds_own_weights(engine: RolloutEngine) -> bool:
     """Engines that share the policy's weights (HFEngine) keep the base class's no-op `update_weights`."""
     return type(engine).update_weights is not RolloutEngine.update_weights
-
-
-def _zero3_partitioned(model: nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _group_weights(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
@@ -84,7 +81,7 @@ def policy_weights(policy: Any, chunk_mb: float = 512.0) -> Iterator[tuple[str, 
     """The policy's HF-named weights for an engine: `lm_head.weight` included even when tied to the embeddings
     (vLLM loads its tied head from that name), LoRA merged, ZeRO-3 partitions gathered chunk by chunk."""
     model = policy.model
-    if not _zero3_partitioned(model):
+    if not zero3_partitioned(model):
         yield from policy.weights_for_sync().items()  # state_dict names: tied lm_head.weight is in it
         return
     # every module owning a parameter is visited, so a tied lm_head yields lm_head.weight like the embeddings

@@ -4,6 +4,10 @@ Each dataset is a JSONL/JSON/Parquet file in the LMM-R1 row format; a dataset ma
 `prepare_data` generates it locally when the file is missing (nothing is ever downloaded). The stream is a pure
 function of (seed, position), and the position of the last batch handed to training is saved in checkpoints, so a
 resumed run continues with the next unseen prompt.
+
+With several data-parallel ranks, `batch_size` is still the global batch (prompts per rollout, all ranks together):
+global batch b is the positions [b*B, (b+1)*B) of the same stream, whatever the world size, and rank r of W takes the
+contiguous share [b*B + r*B/W, b*B + (r+1)*B/W). A 2-rank run therefore sees exactly the prompts of the 1-rank run.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmmr1.data.processor import PromptBatch, PromptProcessor
+from lmmr1.distributed import DataParallel, data_parallel
 
 
 @dataclass
@@ -53,6 +58,35 @@ class _Rows(Dataset):
         return {**self.tables[dataset][row], "_position": position}
 
 
+class _EvalShard(DistributedSampler):
+    """Rank r's rows of a held-out set: r, r+W, r+2W, ... Shares are padded to equal length by repeating a row marked
+    `_pad` (excluded from metrics), so every rank runs the same number of evaluation batches (collectives under ZeRO-3
+    and DDP stay paired) and no row is counted twice."""
+
+    def __init__(self, size: int, dp: DataParallel) -> None:  # no DistributedSampler.__init__: see CurriculumSampler
+        self.size, self.dp = size, dp
+
+    def __len__(self) -> int:
+        return -(-self.size // self.dp.size)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        mine = list(range(self.dp.rank, self.size, self.dp.size))
+        yield from ((i, False) for i in mine)
+        yield from ((mine[0] if mine else 0, True) for _ in range(len(self) - len(mine)))
+
+
+class _EvalRows(Dataset):
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict[str, Any]:
+        index, pad = key
+        return {**self.rows[index], "_pad": True} if pad else self.rows[index]
+
+
 class _Walker:
     """Per-dataset walk: each epoch is a fresh seeded permutation of the rows."""
 
@@ -68,19 +102,27 @@ class _Walker:
         return self.order[offset]
 
 
-class CurriculumSampler(Sampler):
+class CurriculumSampler(DistributedSampler):
     """Endless (dataset, row, position) stream over stages of blended datasets; a pure function of (seed, position).
 
-    Position p belongs to training step p // batch_size. Stage k covers `steps[k]` steps (the last stage never ends).
-    In the last `anneal_steps` steps of a stage the next stage's datasets are mixed in with a linearly rising share.
-    Within a stage a dataset is picked by its probability, then that dataset's next row in a shuffled epoch order.
+    Position p belongs to training step p // batch_size (the global batch). Stage k covers `steps[k]` steps (the last
+    stage never ends). In the last `anneal_steps` steps of a stage the next stage's datasets are mixed in with a
+    linearly rising share. Within a stage a dataset is picked by its probability, then that dataset's next row in a
+    shuffled epoch order. Rank r of `replicas` yields only its contiguous share of every global batch; it is a
+    `DistributedSampler` so that Lightning leaves the sharding to it.
     """
 
     def __init__(self, stages: list[list[tuple[int, int, float]]], steps: list[int | None], batch_size: int,
-                 seed: int, start: int = 0, anneal_steps: int = 0) -> None:
+                 seed: int, start: int = 0, anneal_steps: int = 0, rank: int = 0, replicas: int = 1) -> None:
         """stages[k] lists (global dataset index, dataset size, probability) of stage k."""
+        # DistributedSampler.__init__ is not called: it needs a sized dataset and a process group; this stream is
+        # endless and its share is fixed by (rank, replicas).
+        if batch_size % replicas:
+            raise ValueError(f"--data.batch_size {batch_size} (prompts per rollout, all ranks together) must be "
+                             f"divisible by the {replicas} data-parallel ranks")
         self.stages, self.steps, self.batch_size = stages, steps, batch_size
         self.seed, self.start, self.anneal_steps = seed, start, anneal_steps
+        self.rank, self.replicas = rank, replicas
         self.ends = []  # first step after each stage
         total = 0
         for n in steps[:-1]:
@@ -97,6 +139,13 @@ class CurriculumSampler(Sampler):
         into = step - (self.ends[stage] - self.anneal_steps)
         return max(0.0, (into + 1) / (self.anneal_steps + 1))
 
+    def __len__(self) -> int:
+        raise TypeError("the prompt stream is endless")  # what Lightning reads as an infinite dataloader
+
+    def owns(self, position: int) -> bool:
+        """True if `position` lies in this rank's share of its global batch."""
+        return (position % self.batch_size) // (self.batch_size // self.replicas) == self.rank
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         pick = random.Random(f"{self.seed}:pick")
         walkers = {d: _Walker(size, f"{self.seed}:{d}") for stage in self.stages for d, size, _ in stage}
@@ -109,7 +158,7 @@ class CurriculumSampler(Sampler):
             datasets = self.stages[stage]
             d = pick.choices([d for d, _, _ in datasets], weights=[p for _, _, p in datasets])[0]
             row = walkers[d].next()
-            if position >= self.start:
+            if position >= self.start and self.owns(position):
                 yield d, row, position
             position += 1
 
@@ -221,14 +270,25 @@ class PromptDataModule(L.LightningDataModule):
     def all_train_rows(self) -> list[dict[str, Any]]:
         return [row for rows in self.train_rows for row in rows]
 
-    def sampler(self, start: int = 0) -> CurriculumSampler:
+    @property
+    def data_parallel(self) -> DataParallel:
+        """This process's share of every global batch (rank 0 of 1 outside distributed training)."""
+        return data_parallel()
+
+    @property
+    def local_batch_size(self) -> int:
+        """Prompts per rollout on this rank."""
+        return self.batch_size // self.data_parallel.size
+
+    def sampler(self, start: int = 0, dp: DataParallel | None = None) -> CurriculumSampler:
         stages, index = [], 0
         for stage in self.stages:
             stages.append([(index + k, len(self.train_rows[index + k]), spec.prob)
                            for k, spec in enumerate(stage.datasets)])
             index += len(stage.datasets)
+        dp = dp or DataParallel()
         return CurriculumSampler(stages, [s.steps for s in self.stages], self.batch_size, self.seed, start=start,
-                                 anneal_steps=self.anneal_steps)
+                                 anneal_steps=self.anneal_steps, rank=dp.rank, replicas=dp.size)
 
     def stage_at(self, step: int) -> Stage:
         """The curriculum stage that training step `step` draws from."""
@@ -238,13 +298,16 @@ class PromptDataModule(L.LightningDataModule):
         return self.processor(rows)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Rows(self.train_rows), batch_size=self.batch_size, sampler=self.sampler(self.consumed),
+        dp = self.data_parallel
+        return DataLoader(_Rows(self.train_rows), batch_size=self.batch_size // dp.size,
+                          sampler=self.sampler(self.consumed, dp),
                           collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=self.collate,
-                           num_workers=self.num_workers) for rows in self.val_rows]
+        dp = self.data_parallel
+        return [DataLoader(_EvalRows(rows), batch_size=self.val_batch_size, sampler=_EvalShard(len(rows), dp),
+                           collate_fn=self.collate, num_workers=self.num_workers) for rows in self.val_rows]
 
     def test_dataloader(self) -> list[DataLoader]:
         """`lmmr1 test` evaluates the held-out `val` sets."""
@@ -252,8 +315,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
         # Runs in the main process right before training_step, so prefetched batches are not counted as consumed.
+        # `consumed` is global (the end of this global batch), so every rank saves and resumes the same position.
         if self.trainer is not None and self.trainer.training:
-            self.consumed = max(row["_position"] for row in batch.rows) + 1
+            step = max(row["_position"] for row in batch.rows) // self.batch_size
+            self.consumed = (step + 1) * self.batch_size
         return batch
 
     def state_dict(self) -> dict[str, Any]:

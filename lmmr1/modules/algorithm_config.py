@@ -197,9 +197,14 @@ class AlgorithmConfig:
     value_clip: float | None = 0.2
     """Critic value clipping range for gae; null disables it."""
     ppo_epochs: int = 1
-    """Optimizer passes over each rollout batch."""
+    """Passes over each rollout batch."""
+    train_batch_size: int | None = None
+    """Samples per optimizer step, over all ranks (OpenRLHF's train_batch_size); a rollout of data.batch_size x
+    sampling.n samples then takes that many / train_batch_size optimizer steps per epoch. null = one step per epoch."""
+    shuffle: bool = True
+    """Shuffle the rollout's samples before cutting them into optimizer steps (each rank its own share)."""
     micro_batch_size: int = 4
-    """Samples per forward/backward; gradients are accumulated to one optimizer step per epoch."""
+    """Samples per forward/backward on one rank; gradients are accumulated up to each optimizer step."""
     micro_batch_tokens: int | None = None
     """Form micro-batches by a token budget instead (real tokens with `policy.packing`, rows x padded length
     without); null = `micro_batch_size` rows each."""
@@ -231,6 +236,8 @@ class AlgorithmConfig:
         _require(self.tis_cap is None or self.tis_cap >= 1, f"{FLAG}.tis_cap",
                  f"must be >= 1 (e.g. 2.0) or null, got {self.tis_cap}")
         _require(self.ppo_epochs >= 1, f"{FLAG}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _require(self.train_batch_size is None or self.train_batch_size >= 1, f"{FLAG}.train_batch_size",
+                 f"must be >= 1 or null, got {self.train_batch_size}")
         _require(self.micro_batch_size >= 1, f"{FLAG}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _require(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, f"{FLAG}.micro_batch_tokens",
                  f"must be >= 1 or null, got {self.micro_batch_tokens}")

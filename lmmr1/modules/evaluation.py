@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import torch
-from torchmetrics import MeanMetric
 
+from lmmr1.distributed import global_stats
 from lmmr1.rewards.base import RewardOutput
 
 CORRECTNESS = ("accuracy", "solved")
@@ -97,13 +96,33 @@ def eval_prefix(module: L.LightningModule, dataloader_idx: int) -> str:
     return f"{'test' if module.trainer.testing else 'val'}/{name}"
 
 
-def log_mean(module: L.LightningModule, name: str, value: float, count: int = 1, store: str = "_val_metrics") -> None:
-    """Log a count-weighted mean over a whole evaluation set (and across ranks): one torchmetrics MeanMetric per
-    name, kept in the module's ModuleDict `store` so Lightning resets it each epoch."""
-    metrics: torch.nn.ModuleDict = getattr(module, store)
-    key = name.replace("/", "|").replace(".", "_").replace("@", "_at_")  # ModuleDict keys: no dots
-    if key not in metrics:
-        metrics[key] = MeanMetric().to(module.device)
-    metric = metrics[key]
-    metric.update(torch.tensor(value, device=module.device), weight=torch.tensor(float(count), device=module.device))
-    module.log(name, metric, on_step=False, on_epoch=True, add_dataloader_idx=False, metric_attribute=f"{store}.{key}")
+class EvalMeans:
+    """Count-weighted means of evaluation metrics over a whole held-out set and every rank.
+
+    Ranks can see different metric names (a datasource that only one rank drew), so the sums are gathered once at the
+    end of the epoch; syncing metric by metric would pair different metrics' collectives across ranks and hang.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, name: str, value: float, count: int = 1) -> None:
+        total = self.sums.setdefault(name, [0.0, 0.0])
+        total[0] += float(value) * count
+        total[1] += count
+
+    def pop_means(self) -> dict[str, float]:
+        """Global means (every rank gets the same dict), then start over. A collective: every rank must call it."""
+        means = global_stats({name: (total, count) for name, (total, count) in self.sums.items()})
+        self.sums = {}
+        return dict(sorted(means.items()))
+
+
+def log_mean(module: L.LightningModule, name: str, value: float, count: int = 1) -> None:
+    """Add `count` observations with mean `value` to the module's evaluation means (`module.eval_means`)."""
+    module.eval_means.add(name, value, count)
+
+
+def log_eval_means(module: L.LightningModule) -> None:
+    """Log the global evaluation means at the end of a validation/test epoch (same values on every rank)."""
+    module.log_dict(module.eval_means.pop_means(), add_dataloader_idx=False, sync_dist=False)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmmr1.distributed.vision import vision_tower_in_graph
+
 
 def mm_token_type_ids(config: object, input_ids: Tensor) -> Tensor:
     """Qwen-VL's modality map of a token row: 0 text, 1 image placeholder, 2 video placeholder."""
@@ -84,11 +86,12 @@ def response_hidden_states(
     """
     extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
     positions = rope_positions(backbone, input_ids, attention_mask, image_grid_thw)
-    if not packing:
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
-                       **extra)
-        return out.last_hidden_state[:, -response_len - 1 : -1]
-    packed = pack_rows(input_ids, attention_mask, response_len, positions)
-    out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
-                   use_cache=False, **extra)
+    with vision_tower_in_graph(backbone, has_images=pixel_values is not None):
+        if not packing:
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                           **extra)
+            return out.last_hidden_state[:, -response_len - 1 : -1]
+        packed = pack_rows(input_ids, attention_mask, response_len, positions)
+        out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                       use_cache=False, **extra)
     return out.last_hidden_state[0][packed.state_index]

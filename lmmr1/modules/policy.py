@@ -159,7 +159,9 @@ class Policy(nn.Module):
         chunk = self.logprob_chunk or response_len
         pieces = []
         for start in range(0, response_len, chunk):
-            args = (states[:, start : start + chunk], targets[:, start : start + chunk], head.weight, temperature)
+            # the head is called as a module, never read as `head.weight`: under ZeRO-3 the weight is an empty shard
+            # outside the module's forward, which is what gathers it (and re-gathers it for the backward)
+            args = (states[:, start : start + chunk].contiguous(), targets[:, start : start + chunk], head, temperature)
             if torch.is_grad_enabled() and states.requires_grad:
                 pieces.append(checkpoint(_token_stats, *args, use_reentrant=False))
             else:
@@ -167,9 +169,9 @@ class Policy(nn.Module):
         return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
 
 
-def _token_stats(states: Tensor, targets: Tensor, head_weight: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _token_stats(states: Tensor, targets: Tensor, head: nn.Module, temperature: float) -> tuple[Tensor, Tensor]:
     """Log-prob of each target token and the entropy of its distribution, from hidden states via the LM head."""
-    logits = (states @ head_weight.T).float() / temperature  # (N, t, V)
+    logits = head(states).float() / temperature  # (N, t, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)

@@ -7,6 +7,7 @@ Run: `lmmr1 fit -c configs/demo/smoke.yaml`.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor
 from transformers import AutoTokenizer
 
 from lmmr1.data.processor import PromptBatch
+from lmmr1.distributed import any_rank, data_parallel, global_max, global_stats, global_sum
 from lmmr1.modules.algorithm_config import AlgorithmConfig
 from lmmr1.modules.algorithms import (
     ADVANTAGE_ESTIMATORS,
@@ -31,7 +33,15 @@ from lmmr1.modules.algorithms import (
     value_loss,
 )
 from lmmr1.modules.critic import Critic
-from lmmr1.modules.evaluation import EvalConfig, eval_prefix, greedy_metrics, log_mean, pass_metrics
+from lmmr1.modules.evaluation import (
+    EvalConfig,
+    EvalMeans,
+    eval_prefix,
+    greedy_metrics,
+    log_eval_means,
+    log_mean,
+    pass_metrics,
+)
 from lmmr1.modules.experience import Experience
 from lmmr1.modules.policy import Policy
 from lmmr1.rewards import Reward, RewardOutput, build_reward
@@ -88,7 +98,7 @@ class RLModule(L.LightningModule):
             critic.packing = policy.packing
         self.critic = critic
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
-        self._val_metrics = torch.nn.ModuleDict()  # torchmetrics means, created per metric name on first use
+        self.eval_means = EvalMeans()  # validation/test means, gathered over ranks at the end of each epoch
         self.evaluation = evaluation or EvalConfig()
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"sampling": asdict(self.sampling), "algorithm": asdict(self.algorithm),
@@ -135,7 +145,9 @@ class RLModule(L.LightningModule):
         missing = {k: v for k, v in super().state_dict().items() if k.startswith("reference.")}
         return super().load_state_dict({**missing, **state_dict}, strict=strict, **kwargs)
 
-    # ---- one RL step --------------------------------------------------------------------------------------------
+    # ---- one RL step ----------------------------------------------------------------------------------------------
+    # `global_step` counts RL steps: one rollout (a global batch of prompts) and every optimizer step taken on it.
+    # max_steps, val_check_interval, checkpoint intervals and curriculum stages all count in these units.
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
         start = time.perf_counter()
         algo = self.algorithm
@@ -144,61 +156,107 @@ class RLModule(L.LightningModule):
         exp = self._score_tokens(exp, scores)
         optimizer = self.optimizers()
         history: list[dict[str, Tensor]] = []
-        for _ in range(algo.ppo_epochs):
-            for micro in self._micro_batches(exp):
-                loss, micro_metrics = self._loss(micro, exp.response_mask)
-                self.manual_backward(loss)
-                history.append(micro_metrics)
-            clip = self._clip_and_step(optimizer)
+        clip: dict[str, Tensor] = {}
+        mini_batches = [self._mini_batch_rows(len(exp), epoch) for epoch in range(algo.ppo_epochs)]
+        total_steps = sum(len(m) for m in mini_batches)
+        for rows in (rows for epoch in mini_batches for rows in epoch):
+            mini = exp.select(rows)
+            normaliser = self._loss_normaliser(mini)
+            for micro, real in self._padded_micro_batches(mini, filler=exp):
+                loss, micro_metrics = self._loss(micro, normaliser)
+                self.manual_backward(loss if real else loss * 0.0)  # a filler keeps the ranks' collectives paired
+                if real:
+                    history.append(micro_metrics)
+            total_steps -= 1
+            clip = self._clip_and_step(optimizer, last=total_steps == 0)
             optimizer.zero_grad(set_to_none=True)
             if self.make_lr_scheduler is not None:  # manual optimization: Lightning does not step schedulers
                 self.lr_schedulers().step()
-        kl = aggregate(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs), exp.response_mask,
-                       "token-mean") if exp.ref_logprobs is not None else torch.zeros(())
-        self.kl_controller.update(float(kl), len(exp))
-        metrics = {k: torch.stack([m[k] for m in history]).mean() for k in history[0]}  # over micro-batches, epochs
-        self._log_step(exp, scores, metrics, clip, kl, dropped, time.perf_counter() - start)
+        kl = self._global_token_mean(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs),
+                                     exp.response_mask) if exp.ref_logprobs is not None else torch.zeros(())
+        self.kl_controller.update(float(kl), int(global_sum(torch.tensor(len(exp)))))
+        self._log_step(exp, scores, history, clip, kl, dropped, time.perf_counter() - start,
+                       optimizer_steps=sum(len(m) for m in mini_batches))
         return {"samples": self._sample_records(exp, scores)}
 
-    def _clip_and_step(self, optimizer: Any) -> dict[str, Tensor]:
+    def _mini_batch_rows(self, n_rows: int, epoch: int) -> list[list[int]]:
+        """This rank's rows of each optimizer step of one PPO epoch. `train_batch_size` counts samples over all ranks;
+        every rank takes the same number of steps (agreed globally), each on its own share of the step's samples."""
+        size = self.algorithm.train_batch_size
+        steps = 1 if size is None else max(1, -(-int(global_sum(torch.tensor(n_rows))) // size))
+        order = list(range(n_rows))
+        if steps > 1 and self.algorithm.shuffle:
+            random.Random(f"{self.sampling.seed}:{self.global_step}:{epoch}:{data_parallel().rank}").shuffle(order)
+        return [order[k * n_rows // steps : (k + 1) * n_rows // steps] for k in range(steps)]
+
+    def _loss_normaliser(self, mini: Experience) -> Tensor:
+        """The global denominator of the loss of one optimizer step: valid tokens (token-mean) or rows, all ranks."""
+        if self.algorithm.loss.aggregation == "token-mean":
+            local = mini.response_mask.sum()
+        else:
+            local = torch.tensor(float(len(mini)), device=self.device)
+        return global_sum(local.float()).clamp(min=1)
+
+    def _global_token_mean(self, x: Tensor, mask: Tensor) -> Tensor:
+        total = global_sum(torch.stack([(x * mask).sum().float(), mask.sum().float()]))
+        return total[0] / total[1].clamp(min=1)
+
+    def _clip_and_step(self, optimizer: Any, last: bool = True) -> dict[str, Tensor]:
         """Dynamic gradient clipping, then the optimizer step. Under DeepSpeed ZeRO the gradients are partitioned
         inside the engine, so the engine clips by its own global norm at our threshold and the norm is recorded after
-        the step (see lmmr1/modules/grad_clip.py)."""
+        the step (see lmmr1/modules/grad_clip.py). Only the `last` step of a rollout goes through Lightning's
+        optimizer wrapper, which is what advances `global_step`: one RL step, however many optimizer steps."""
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
         if engine is None:
             clip = self.grad_clip(p for p in self.parameters() if p.requires_grad)
-            optimizer.step()
+            self._optimizer_step(optimizer, last)
             return clip
         threshold = self.grad_clip.threshold(self.device)
         engine.optimizer.clip_grad = float(threshold)
-        optimizer.step()
+        self._optimizer_step(optimizer, last)
         norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float32, device=self.device)
         self.grad_clip.record(norm, threshold)
         return {"grad_norm": norm, "grad_clip_threshold": threshold, "grad_clipped": (norm > threshold).float()}
+
+    def _optimizer_step(self, optimizer: Any, last: bool) -> None:
+        if last or self._trainer is None:
+            optimizer.step()
+        else:  # the strategy's step (DeepSpeed engine, DDP, precision) without Lightning's step counter
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
     def _generate(self, batch: PromptBatch, seed: int) -> tuple[Experience, RewardOutput]:
         completions = self.engine.generate(batch, self.sampling, seed=seed)
         exp = Experience.from_rollout(batch, completions, self.tokenizer.pad_token_id).to(self.device)
         return exp, self.reward(exp.responses, exp.rows)
 
+    def _rollout_seed(self, batch: PromptBatch) -> int:
+        """From the global stream position of this rank's first prompt: ranks sample differently, resume repeats."""
+        first = min((row.get("_position", 0) for row in batch.rows), default=0)
+        return self.sampling.seed * 1_000_003 + int(first)
+
     def _rollout(self, batch: PromptBatch) -> tuple[Experience, RewardOutput, int]:
         """Sample G completions per prompt and score them. With dynamic sampling (DAPO, arXiv:2503.14476), groups whose
         rewards are all equal carry no signal: their prompts are re-sampled up to `max_extra_rounds` times, then
-        dropped. Returns the experience, its scores and the number of dropped prompts."""
-        G, seed = self.sampling.n, self.sampling.seed * 1_000_003 + self.global_step
+        dropped. Returns the experience, its scores and the number of dropped prompts. Every rank runs the same number
+        of rounds (generation is a collective under ZeRO-3): a rank with nothing left re-samples a prompt and discards
+        the result."""
+        G, seed = self.sampling.n, self._rollout_seed(batch)
         exp, scores = self._generate(batch, seed)
         if not self.algorithm.dynamic_sampling.enabled:
             return exp, scores, 0
         kept: list[tuple[Experience, RewardOutput]] = []
+        first = batch.select([0])
         for extra in range(self.algorithm.dynamic_sampling.max_extra_rounds + 1):
             if extra:
-                exp, scores = self._generate(batch, seed + 7919 * extra)
+                exp, scores = self._generate(batch if len(batch) else first, seed + 7919 * extra)
+                if not len(batch):
+                    continue
             keep = filter_groups(torch.tensor(scores.total), G).tolist()
             rows = [g * G + j for g, k in enumerate(keep) if k for j in range(G)]
             if rows:
                 kept.append((exp.select(rows), _select_scores(scores, rows)))
             batch = batch.select([g for g, k in enumerate(keep) if not k])
-            if not len(batch):
+            if not any_rank(len(batch) > 0):
                 break
         if not kept:  # nothing to learn from: train on the last batch anyway (its advantages are all zero)
             return exp, scores, 0
@@ -212,16 +270,15 @@ class RLModule(L.LightningModule):
         """Old/reference log-probs, KL-in-reward, overlong penalty and advantages for the whole batch."""
         algo = self.algorithm
         if algo.recompute_old_logprobs:
-            exp.old_logprobs = torch.cat([self.policy.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
-                                          for m in self._micro_batches(exp)])
+            exp.old_logprobs = self._forward_all(exp, lambda m: self.policy.logprobs(
+                **m.model_inputs(), temperature=self._temperature)[0])
         else:
             exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
-            exp.ref_logprobs = torch.cat([self.reference.logprobs(**m.model_inputs(), temperature=self._temperature)[0]
-                                          for m in self._micro_batches(exp)])
+            exp.ref_logprobs = self._forward_all(exp, lambda m: self.reference.logprobs(
+                **m.model_inputs(), temperature=self._temperature)[0])
         if self.critic is not None:
-            exp.values = torch.cat([self.critic.values(**m.model_inputs())
-                                    for m in self._micro_batches(exp)])
+            exp.values = self._forward_all(exp, lambda m: self.critic.values(**m.model_inputs()))
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
         if algo.overlong.buffer > 0:
             rewards = rewards + overlong_penalty(exp.response_mask.sum(-1), max_new_tokens=self.sampling.max_new_tokens,
@@ -235,20 +292,34 @@ class RLModule(L.LightningModule):
         exp.rewards = rewards
         exp.advantages, exp.returns = ADVANTAGE_ESTIMATORS[algo.advantage](
             rewards, exp.response_mask, group_size=exp.group_size, token_rewards=token_rewards, values=exp.values,
-            gamma=algo.gamma, lam=algo.lam)
+            gamma=algo.gamma, lam=algo.lam, reduce=global_sum)
         return exp
+
+    def _forward_all(self, exp: Experience, forward: Any) -> Tensor:
+        """`forward` over the micro-batches of `exp`, concatenated (fillers run for pairing, their output dropped)."""
+        outputs = [(forward(micro), real) for micro, real in self._padded_micro_batches(exp, filler=exp)]
+        return torch.cat([out for out, real in outputs if real])
 
     def _micro_batches(self, exp: Experience) -> list[Experience]:
         algo = self.algorithm
         return exp.micro_batches(algo.micro_batch_size, max_tokens=algo.micro_batch_tokens, packed=self.policy.packing)
 
+    def _padded_micro_batches(self, exp: Experience, filler: Experience) -> list[tuple[Experience, bool]]:
+        """Micro-batches of `exp` as (micro, real), padded with one-row fillers to the largest count of any rank:
+        each forward is a collective under ZeRO-3 and each backward under DDP, so all ranks must run as many."""
+        micros = [(m, True) for m in self._micro_batches(exp)] if len(exp) else []
+        if data_parallel().active:
+            micros += [(filler.select([0]), False)] * (global_max(len(micros)) - len(micros))
+        return micros
+
     @property
     def _temperature(self) -> float:
         return self.sampling.temperature if self.sampling.temperature > 0 else 1.0
 
-    def _loss(self, micro: Experience, full_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Policy loss (+ KL, - entropy) of one micro-batch, scaled by its share of the batch so that accumulated
-        gradients equal the full-batch gradient."""
+    def _loss(self, micro: Experience, normaliser: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Policy loss (+ KL, - entropy) of one micro-batch, scaled by its share of the optimizer step's global batch
+        (`normaliser`: its valid tokens for token-mean, else its rows, over all ranks), so that the accumulated and
+        rank-averaged gradients equal the gradient of the whole global batch."""
         algo = self.algorithm
         logprobs, entropy = self.policy.logprobs(**micro.model_inputs(), temperature=self._temperature)
         mask = micro.response_mask
@@ -271,37 +342,40 @@ class RLModule(L.LightningModule):
         entropy_mean = aggregate(entropy.detach(), mask, "token-mean")
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * aggregate(entropy, mask, **agg)
-        if algo.loss.aggregation == "token-mean":
-            share = mask.sum() / full_mask.sum().clamp(min=1)
-        else:
-            share = torch.tensor(len(micro) / full_mask.shape[0], device=mask.device)
+        token_mean = algo.loss.aggregation == "token-mean"
+        own = mask.sum() if token_mean else torch.tensor(float(len(micro)), device=mask.device)
+        share = own * data_parallel().size / normaliser  # DDP and DeepSpeed average gradients over the ranks
         metrics = {**metrics, "policy_loss": loss.detach(), "entropy": entropy_mean}
         return loss * share, metrics
 
-    def _log_step(self, exp, scores, metrics, clip, kl, dropped, seconds) -> None:  # noqa: ANN001
+    def _log_step(self, exp, scores, history, clip, kl, dropped, seconds, optimizer_steps) -> None:  # noqa: ANN001
+        """Log the step's metrics over the global batch: every rank contributes its sums and counts."""
         mask = exp.response_mask
-        gap = ((exp.rollout_logprobs - exp.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
-        logs = {
-            "train/reward/total": sum(scores.total) / len(scores.total),
-            **{f"train/reward/{k}": v for k, v in scores.component_means().items()},
-            **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()},
-            **{f"train/{k}": v.float() for k, v in metrics.items()},
-            **{f"train/{k}": v.float() for k, v in clip.items()},
-            "train/kl": kl.float(),
-            "train/kl_coef": float(self.kl_controller.coef),
-            "train/advantage_abs_mean": aggregate(exp.advantages.abs(), mask, "token-mean"),
-            "rollout/response_len_mean": mask.sum(-1).float().mean(),
-            "rollout/truncated_frac": exp.truncated.float().mean(),
-            "rollout/logprob_gap": gap,
-            "rollout/dropped_groups": float(dropped),
-            "train/step_time": seconds,
+        tokens, rows = float(mask.sum()), float(len(exp))
+        means = {
+            "train/reward/total": (sum(scores.total), rows),
+            "train/advantage_abs_mean": (float((exp.advantages.abs() * mask).sum()), tokens),
+            "rollout/response_len_mean": (tokens, rows),
+            "rollout/truncated_frac": (float(exp.truncated.float().sum()), rows),
+            "rollout/logprob_gap": (float(((exp.rollout_logprobs - exp.old_logprobs).abs() * mask).sum()), tokens),
+            **{f"train/{k}": (float(v), 1.0) for k, v in clip.items()},
         }
+        for name, values in scores.components.items():
+            kept = [v for v in values if v == v]
+            means[f"train/reward/{name}"] = (sum(kept), float(len(kept)))
+        for name in history[0] if history else []:
+            means[f"train/{name}"] = (float(sum(m[name] for m in history)), float(len(history)))
+        sums = {"rollout/dropped_groups": float(dropped), "train/samples": rows,
+                **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()}}
+        logs = global_stats(means, sums, {"train/step_time": seconds})
+        logs.update({"train/kl": float(kl), "train/kl_coef": float(self.kl_controller.coef),
+                     "train/optimizer_steps": float(optimizer_steps)})
         self.log_dict(logs, batch_size=len(exp))
         self.log("reward", logs["train/reward/total"], prog_bar=True, logger=False, batch_size=len(exp))
         if "train/reward/accuracy" in logs:
             self.log("acc", logs["train/reward/accuracy"], prog_bar=True, logger=False, batch_size=len(exp))
         self.log("kl", logs["train/kl"], prog_bar=True, logger=False, batch_size=len(exp))
-        self.log("s/step", seconds, prog_bar=True, logger=False, batch_size=len(exp))
+        self.log("s/step", logs["train/step_time"], prog_bar=True, logger=False, batch_size=len(exp))
 
     def _sample_records(self, exp: Experience, scores: RewardOutput) -> list[dict[str, Any]]:
         """Per-sample rows for the sample table callback (plain Python values)."""
@@ -317,17 +391,29 @@ class RLModule(L.LightningModule):
         prefix = eval_prefix(self, dataloader_idx)
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
                                 stop=self.sampling.stop)
+        real = [i for i, row in enumerate(batch.rows) if not row.get("_pad")]  # rows that pad a rank's share
         completions = [g[0] for g in self.engine.generate(batch, greedy, seed=0)]
-        scores = self.reward([c.text for c in completions], batch.rows)
-        metrics = greedy_metrics(scores, [len(c.token_ids) for c in completions], batch.rows)
+        completions = [completions[i] for i in real]
+        rows = [batch.rows[i] for i in real]
+        if not rows:
+            return
+        scores = self.reward([c.text for c in completions], rows)
+        metrics = greedy_metrics(scores, [len(c.token_ids) for c in completions], rows)
         if self.evaluation.n > 1:
             sampled = replace(greedy, n=self.evaluation.n, temperature=self.evaluation.temperature)
             groups = self.engine.generate(batch, sampled, seed=batch_idx)
-            rows = [row for row in batch.rows for _ in range(self.evaluation.n)]
-            sample_scores = self.reward([c.text for g in groups for c in g], rows)
+            groups = [groups[i] for i in real]
+            flat_rows = [row for row in rows for _ in range(self.evaluation.n)]
+            sample_scores = self.reward([c.text for g in groups for c in g], flat_rows)
             metrics.update(pass_metrics(sample_scores, self.evaluation.n, self.evaluation.k))
         for name, (value, count) in metrics.items():
             log_mean(self, f"{prefix}/{name}", value, count)
+
+    def on_validation_epoch_end(self) -> None:
+        log_eval_means(self)
+
+    def on_test_epoch_end(self) -> None:
+        log_eval_means(self)
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """`lmmr1 test` evaluates like validation (held-out sets, same engine and reward)."""

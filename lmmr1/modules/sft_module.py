@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import AutoTokenizer
 
 from lmmr1.data.processor import PromptBatch, concat_images
-from lmmr1.modules.evaluation import eval_prefix, log_mean
+from lmmr1.modules.evaluation import EvalMeans, eval_prefix, log_eval_means, log_mean
 from lmmr1.modules.policy import Policy
 from lmmr1.rollout.base import RolloutEngine, SamplingConfig
 from lmmr1.rollout.hf import HFEngine
@@ -63,7 +63,7 @@ class SFTModule(L.LightningModule):
         self.engine = engine or HFEngine()
         self.decoding = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
         self.ctc_steps, self.ctc_blank, self.ctc_scale = ctc_steps, ctc_blank, ctc_scale
-        self._val_metrics = torch.nn.ModuleDict()
+        self.eval_means = EvalMeans()  # validation/test means, gathered over ranks at the end of each epoch
         self.save_hyperparameters({"policy": policy.settings(), "target_key": target_key})
 
     def setup(self, stage: str) -> None:
@@ -156,9 +156,17 @@ class SFTModule(L.LightningModule):
         prefix = eval_prefix(self, dataloader_idx)
         completions = self.engine.generate(batch, self.decoding)
         for row, group in zip(batch.rows, completions):
+            if row.get("_pad"):  # repeats a row to even out the ranks' shares; not counted
+                continue
             right = float(group[0].text.strip() == str(row.get(self.target_key, "")).strip())
             for name in (f"{prefix}/exact", f"{prefix}/{row.get('datasource', 'unknown')}/exact"):
                 log_mean(self, name, right)
+
+    def on_validation_epoch_end(self) -> None:
+        log_eval_means(self)
+
+    def on_test_epoch_end(self) -> None:
+        log_eval_means(self)
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from lmmr1.data.processor import PromptBatch, concat_images
+from lmmr1.distributed import data_parallel, global_max, zero3_partitioned
+from lmmr1.distributed.vision import vision_tower_in_graph
 from lmmr1.modules.packing import mm_token_type_ids
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
 
@@ -55,6 +57,8 @@ class HFEngine(RolloutEngine):
         )
         if sampling.stop:
             options.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        if data_parallel().active and zero3_partitioned(model):
+            options.update(synced_gpus=True)  # ranks keep stepping until all are done: each step gathers weights
         completions: list[Completion] = []
         was_training = model.training
         model.eval()
@@ -62,8 +66,12 @@ class HFEngine(RolloutEngine):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 row_tokens = prompts.input_ids.shape[1] + sampling.max_new_tokens
-                for chunk in self._chunks(len(rows), row_tokens):
+                chunks = self._chunks(len(rows), row_tokens)
+                for chunk in chunks:
                     completions += self._generate_chunk(prompts, [rows[i] for i in chunk], options, sampling, device)
+                if options.get("synced_gpus"):  # every rank must make as many generate calls (each is collective)
+                    for _ in range(global_max(len(chunks)) - len(chunks)):
+                        self._generate_chunk(prompts, rows[:1], options, sampling, device)
         finally:
             model.train(was_training)
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
@@ -77,7 +85,8 @@ class HFEngine(RolloutEngine):
         if pixels is not None:  # the modality map switches Qwen-VL generation to M-RoPE, as in training and vLLM
             inputs.update(pixel_values=pixels.to(device), image_grid_thw=grids.to(device),
                           mm_token_type_ids=mm_token_type_ids(self.policy.model.config, inputs["input_ids"]))
-        out = self.policy.model.generate(**inputs, **options)
+        with vision_tower_in_graph(self.policy.model.model, has_images=pixels is not None):
+            out = self.policy.model.generate(**inputs, **options)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
         logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, V)
         if sampling.temperature > 0:

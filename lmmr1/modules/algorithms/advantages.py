@@ -3,7 +3,11 @@
 All six share one signature so the trainer can switch them from YAML:
 
     ADVANTAGE_ESTIMATORS[name](rewards, response_mask, *, group_size, values=None, token_rewards=None,
-                               gamma=1.0, lam=1.0, eps=1e-6) -> (advantages (N, T), returns (N, T))
+                               gamma=1.0, lam=1.0, eps=1e-6, reduce=None) -> (advantages (N, T), returns (N, T))
+
+`reduce` sums the whitening statistics over data-parallel ranks (`lmmr1.distributed.global_sum`), so the estimators
+that whiten over the batch (gae, reinforce_pp, reinforce_baseline) whiten the global batch; the group estimators need
+nothing (a prompt's G samples are always on one rank).
 
 Layout: `rewards` (N,) holds B contiguous groups of G = group_size samples of the same prompt. The sequence reward
 is placed on the last valid response token; `token_rewards` (N, T), e.g. `-kl_coef * kl` when the KL penalty lives
@@ -20,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmmr1.modules.algorithms.aggregation import _masked, masked_whiten
+from lmmr1.modules.algorithms.aggregation import Reduce, _masked, masked_whiten
 from lmmr1.modules.algorithms.registry import ADVANTAGE_ESTIMATORS
 
 GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_baseline"})
@@ -73,7 +77,7 @@ def _broadcast_returns(seq_scores: Tensor, mask: Tensor, token_rewards: Tensor |
 @ADVANTAGE_ESTIMATORS.register("gae")
 def gae(rewards: Tensor, response_mask: Tensor, *, group_size: int = 1, values: Tensor | None = None,
         token_rewards: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6,
-        whiten: bool = True) -> tuple[Tensor, Tensor]:
+        whiten: bool = True, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """Generalized Advantage Estimation (GAE, arXiv:1506.02438) for PPO (arXiv:1707.06347) with a critic.
 
     delta_t = r_t + gamma * V_{t+1} - V_t (V after the last token is 0), A_t = delta_t + gamma * lam * A_{t+1};
@@ -103,38 +107,38 @@ def gae(rewards: Tensor, response_mask: Tensor, *, group_size: int = 1, values: 
         advantages[:, t] = torch.where(valid[:, t], adv_t, 0.0)
     returns = _masked(advantages + v, response_mask)
     if whiten:
-        advantages = masked_whiten(advantages, response_mask, eps=eps)
+        advantages = masked_whiten(advantages, response_mask, eps=eps, reduce=reduce)
     return advantages, returns
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
 def reinforce_pp(rewards: Tensor, response_mask: Tensor, *, group_size: int = 1, values: Tensor | None = None,
                  token_rewards: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
-                 eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                 eps: float = 1e-6, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (arXiv:2501.03262): token-level discounted return of (sequence reward + per-token KL penalty),
     whitened over all valid tokens of the batch; no critic, no group baseline."""
     _groups(rewards, group_size, "reinforce_pp")
     returns = _broadcast_returns(rewards, response_mask, token_rewards, gamma)
-    return masked_whiten(returns, response_mask, eps=eps), returns
+    return masked_whiten(returns, response_mask, eps=eps, reduce=reduce), returns
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_baseline")
 def reinforce_baseline(rewards: Tensor, response_mask: Tensor, *, group_size: int, values: Tensor | None = None,
                        token_rewards: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
-                       eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                       eps: float = 1e-6, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """LMM-R1's default (OpenRLHF `reinforce_baseline`, arXiv:2501.03262 sec. on baselines): subtract the group mean
     reward, take the token-level return, then whiten over the batch (robust to reward scale, unlike GRPO's per-group
     std that blows up nearly-uniform groups)."""
     grouped = _groups(rewards, group_size, "reinforce_baseline").to(torch.float32)
     centred = (grouped - grouped.mean(-1, keepdim=True)).flatten()
     returns = _broadcast_returns(centred, response_mask, token_rewards, gamma)
-    return masked_whiten(returns, response_mask, eps=eps), returns
+    return masked_whiten(returns, response_mask, eps=eps, reduce=reduce), returns
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
 def rloo(rewards: Tensor, response_mask: Tensor, *, group_size: int, values: Tensor | None = None,
          token_rewards: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
-         eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+         eps: float = 1e-6, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """REINFORCE Leave-One-Out (RLOO, arXiv:2402.14740): baseline of sample i is the mean reward of the other G-1
     samples of its prompt, A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) * (r_i - mean)."""
     grouped = _groups(rewards, group_size, "rloo").to(torch.float32)
@@ -146,7 +150,7 @@ def rloo(rewards: Tensor, response_mask: Tensor, *, group_size: int, values: Ten
 @ADVANTAGE_ESTIMATORS.register("grpo")
 def grpo(rewards: Tensor, response_mask: Tensor, *, group_size: int, values: Tensor | None = None,
          token_rewards: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
-         eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+         eps: float = 1e-6, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """GRPO outcome supervision (arXiv:2402.03300 sec. 4.1.2): A_i = (r_i - mean(group)) / (std(group) + eps), with
     the unbiased (G-1) std as verl/OpenRLHF/TRL. A group whose rewards are all equal gets advantage 0."""
     grouped = _groups(rewards, group_size, "grpo").to(torch.float32)
@@ -158,7 +162,7 @@ def grpo(rewards: Tensor, response_mask: Tensor, *, group_size: int, values: Ten
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")
 def dr_grpo(rewards: Tensor, response_mask: Tensor, *, group_size: int, values: Tensor | None = None,
             token_rewards: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
-            eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+            eps: float = 1e-6, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """Dr. GRPO (arXiv:2503.20783): A_i = r_i - mean(group), no std division (which up-weights too-easy / too-hard
     prompts); pair it with the constant-length aggregation "seq-mean-token-sum-norm" in the loss."""
     grouped = _groups(rewards, group_size, "dr_grpo").to(torch.float32)

@@ -22,10 +22,19 @@ seq-mean modes (they stay in the denominator N), which is what keeps those modes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from lmmr1.modules.algorithms.registry import LOSS_AGGREGATIONS
+
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor statistic over every holder of a batch (identity in one process)."""
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def _masked(x: Tensor, mask: Tensor) -> Tensor:
@@ -96,7 +105,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return _masked(x, mask).sum(dim) / mask.bool().sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, reduce: Reduce | None = None) -> Tensor:
     """Shift and scale x to zero mean and unit variance over the valid positions of the whole batch.
 
     The variance is the population (biased) variance of the valid entries, as OpenRLHF's advantage normalisation;
@@ -106,8 +115,12 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
         x: (N, T) values, e.g. advantages.
         mask: (N, T) 1/True where valid.
         eps: added to the variance before the square root.
+        reduce: sums a statistic over the other holders of the batch (data-parallel ranks, e.g.
+            `lmmr1.distributed.global_sum`), so the whole global batch is whitened as one; None = this batch alone.
     """
-    mean = masked_mean(x, mask)
+    reduce = reduce or _identity
+    count = reduce(mask.bool().sum().to(torch.float64)).clamp(min=1)
+    mean = (reduce(_masked(x, mask).to(torch.float64).sum()) / count).to(x.dtype)
     centred = _masked(x - mean, mask)
-    var = (centred**2).sum() / mask.bool().sum().clamp(min=1)
+    var = (reduce((centred.to(torch.float64) ** 2).sum()) / count).to(x.dtype)
     return centred * torch.rsqrt(var + eps)
