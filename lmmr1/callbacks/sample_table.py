@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+
+from lmmr1.distributed import all_gather_objects
 
 
 class SampleTable(L.Callback):
@@ -23,13 +24,16 @@ class SampleTable(L.Callback):
         root = trainer.log_dir or trainer.default_root_dir
         return Path(root) / self.filename
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not outputs or "samples" not in outputs or batch_idx % self.every_n_steps:
             return
+        # every rank takes part: the samples are gathered in rank order and `log_dir` is itself a broadcast
+        samples = [s for rank_samples in all_gather_objects(outputs["samples"]) for s in rank_samples]
         path = self.path(trainer)
+        if not trainer.is_global_zero:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            for sample in outputs["samples"][: self.max_samples]:
+            for sample in samples[: self.max_samples]:
                 f.write(json.dumps({"step": trainer.global_step, "batch": batch_idx, **sample}) + "\n")
