@@ -3,6 +3,12 @@
 A preempted or Ctrl-C'd run then resumes with `lmmr1 fit -c ... --ckpt_path <dirpath>/last.ckpt`. The checkpoint is
 written by Lightning's `trainer.save_checkpoint`, which writes to a temporary file and renames it, so a kill during the
 write leaves the previous checkpoint intact.
+
+With several processes a signal may reach only some ranks (a scheduler that signals one process, a Ctrl-C in one
+terminal). `trainer.save_checkpoint` is collective (a barrier; under DeepSpeed a broadcast and every rank writing its
+shard), so a rank that stopped alone would hang the others in their next step. Every rank therefore asks, at the end of
+every step, whether any rank was signalled (one small all-reduce; nothing in a single process), and all ranks save and
+stop after the same step.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+
+from lmmr1.distributed.reductions import all_gather_objects, any_rank
 
 
 class GracefulStop(L.Callback):
@@ -52,11 +60,23 @@ class GracefulStop(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.signal is None:
+        # every rank takes part every step, signalled or not: the decision (and the collective save) must be common
+        if not any_rank(self.signal is not None):
             return
+        received = all_gather_objects(self.signal)  # which rank got what, for the log line (only once, at the stop)
         path = self.checkpoint_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(path)
-        rank_zero_info(f"received {signal.Signals(self.signal).name}: saved {path} after step {trainer.global_step}; "
+        rank_zero_info(f"received {_describe(received)}: saved {path} after step {trainer.global_step}; "
                        f"resume with --ckpt_path {path}")
         trainer.should_stop = True
+
+
+def _describe(received: list[int | None]) -> str:
+    """'SIGTERM' in one process; 'SIGTERM on rank 1 (stop agreed across 2 ranks)' when several take part."""
+    names = sorted({signal.Signals(s).name for s in received if s is not None})
+    if len(received) == 1:
+        return names[0]
+    ranks = ", ".join(str(r) for r, s in enumerate(received) if s is not None)
+    return (f"{'/'.join(names)} on rank{'s' if ',' in ranks else ''} {ranks} "
+            f"(stop agreed across {len(received)} ranks)")

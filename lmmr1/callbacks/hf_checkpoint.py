@@ -16,8 +16,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 
-from lmmr1.callbacks.weight_sync import policy_weights
+from lmmr1.callbacks.weight_sync import zero3_weights
 from lmmr1.distributed import zero3_partitioned
 from lmmr1.models.export import save_hf_folder
 
@@ -57,9 +58,24 @@ class HFCheckpoint(L.Callback):
         rank 0."""
         policy = pl_module.policy
         if zero3_partitioned(policy.model):  # a collective: every rank runs the stream to its end, rank 0 keeps it
-            state_dict = {name: tensor for name, tensor in policy_weights(policy) if trainer.is_global_zero}
+            state_dict = {name: tensor for name, tensor in zero3_weights(policy.model) if trainer.is_global_zero}
         elif trainer.is_global_zero:  # full weights on every rank (single process, DDP, ZeRO-1/2)
-            state_dict = dict(policy_weights(policy))
+            # LoRA: the same stream (gathering is a no-op here) adds the adapters to a copy of the base weights;
+            # merging them into the live model and back (weights_for_sync) would round the frozen base weights
+            state_dict = dict(zero3_weights(policy.model)) if policy.lora is not None else policy.weights_for_sync()
         if trainer.is_global_zero:
+            _share_tied(policy.model, state_dict)
             save_hf_folder(policy.model, policy.path, out, state_dict=state_dict)
             rank_zero_info(f"HFCheckpoint: wrote {out} (step {trainer.global_step})")
+
+
+def _share_tied(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Names of one tied parameter (lm_head + embeddings) get one tensor, so `save_pretrained` stores it once, as it
+    does for the model itself; the ZeRO-3 stream yields each name as its own copy."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name.replace(".base_layer", ""))
+    for tied in names.values():
+        present = [n for n in tied if n in state_dict]
+        for name in present[1:]:
+            state_dict[name] = state_dict[present[0]]

@@ -162,7 +162,9 @@ class RLModule(L.LightningModule):
         for rows in (rows for epoch in mini_batches for rows in epoch):
             mini = exp.select(rows)
             normaliser = self._loss_normaliser(mini)
-            for micro, real in self._padded_micro_batches(mini, filler=exp):
+            micros = self._padded_micro_batches(mini, filler=exp)
+            for i, (micro, real) in enumerate(micros):
+                self._begin_micro_batch(last=i == len(micros) - 1)
                 loss, micro_metrics = self._loss(micro, normaliser)
                 self.manual_backward(loss if real else loss * 0.0)  # a filler keeps the ranks' collectives paired
                 if real:
@@ -217,6 +219,19 @@ class RLModule(L.LightningModule):
         norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float32, device=self.device)
         self.grad_clip.record(norm, threshold)
         return {"grad_norm": norm, "grad_clip_threshold": threshold, "grad_clipped": (norm > threshold).float()}
+
+    def _begin_micro_batch(self, last: bool) -> None:
+        """Under DeepSpeed, do what the engine's own forward does before each micro-batch (our micro-batches run
+        inside one engine forward, the training step): advance ZeRO's micro-step so gradients add up instead of
+        being copied over, and mark the step's last backward as the accumulation boundary where they are reduced.
+        Without it a step's micro-batches replaced each other's gradients (measured: wrong norm and update)."""
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+        if engine is None:
+            return
+        clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        engine.set_gradient_accumulation_boundary(last)
 
     def _optimizer_step(self, optimizer: Any, last: bool) -> None:
         if last or self._trainer is None:

@@ -1,0 +1,86 @@
+"""Scale-out on CPU (2 gloo processes): one RL step with 2 ranks equals the 1-rank step on the same global batch.
+
+The worker (tests/workers/one_step.py) runs the real training step through torchrun under DDP, ZeRO-2 and ZeRO-3, for
+a batch-whitening estimator with seq-mean and a group estimator with token-mean: global whitening, global loss
+denominators, gradient accumulation across micro-batches (3 rows each, so several per rank) and the dynamic clipping
+threshold and norm must all agree with one process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmmr1.data.processor import PromptProcessor
+from lmmr1.modules.experience import Experience
+from lmmr1.modules.policy import Policy
+from lmmr1.rewards.base import RewardOutput
+from lmmr1.rollout.base import SamplingConfig
+from lmmr1.rollout.hf import HFEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ["grpo:token-mean", "reinforce_baseline:seq-mean-token-mean"]
+
+
+@pytest.fixture(scope="module")
+def experience(tiny_vl_path, tmp_path_factory) -> Path:
+    """16 samples (4 prompts x 4) with response lengths 1..8 and uneven random rewards."""
+    from transformers import AutoTokenizer
+
+    rows = [{"message": [{"role": "user", "content": f"What is {i} + {i + 3}?"}], "answer": str(2 * i + 3)}
+            for i in range(4)]
+    prompts = PromptProcessor(tiny_vl_path)(rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path, padding_side="left")
+    engine = HFEngine()
+    engine.bind(Policy(str(tiny_vl_path)), tokenizer)
+    exp = Experience.from_rollout(prompts, engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=8), seed=3),
+                                  tokenizer.pad_token_id)
+    prompt_len = exp.input_ids.shape[1] - exp.response_len
+    for i in range(len(exp)):  # uneven lengths, so token-mean and seq-mean differ and shares matter
+        length = 1 + (i * 5) % 8
+        exp.response_mask[i, length:] = 0
+        exp.attention_mask[i, prompt_len + length:] = 0
+        exp.input_ids[i, prompt_len + length:] = tokenizer.pad_token_id
+    scores = RewardOutput(torch.rand(len(exp), generator=torch.Generator().manual_seed(0)).tolist(), {}, {})
+    path = tmp_path_factory.mktemp("scale-out") / "experience.pt"
+    torch.save((exp, scores), path)
+    return path
+
+
+def _torchrun(nproc: int, strategy: str, model: Path, experience: Path, out: Path) -> None:
+    port = 29500 + (os.getpid() + nproc * 7 + len(strategy)) % 2000
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           str(ROOT / "tests/workers/one_step.py"), str(model), str(experience), str(out), strategy, *CASES]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vl_path, experience, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one-rank")
+    _torchrun(1, "auto", tiny_vl_path, experience, out)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_two_ranks_take_the_one_rank_step(strategy, tiny_vl_path, experience, reference, tmp_path):
+    _torchrun(2, strategy, tiny_vl_path, experience, tmp_path)
+    initial = {k: v.float() for k, v in Policy(str(tiny_vl_path)).model.state_dict().items()}
+    for case in CASES:
+        name = case.replace(":", "-")
+        one = torch.load(reference / f"auto-{name}.pt")
+        two = torch.load(tmp_path / f"{strategy}-{name}.pt")
+        assert one["weights"].keys() == two["weights"].keys()
+        update_one = torch.cat([(one["weights"][k] - initial[k]).flatten() for k in initial])
+        update_two = torch.cat([(two["weights"][k] - initial[k]).flatten() for k in initial])
+        assert update_one.norm() > 1e-3  # the step moved the weights
+        error = float((update_two - update_one).norm() / update_one.norm())
+        assert error < 1e-5, f"{strategy} {case}: the 2-rank update differs from the 1-rank update by {error:.2e}"
+        for key in ("train/grad_norm", "train/grad_clip_threshold", "train/grad_clipped"):
+            assert two["clip"][key] == pytest.approx(one["clip"][key], rel=1e-5), (strategy, case, key)
+        assert one["clip"]["train/grad_clipped"] == 1.0  # clipping was active, so the norm's value mattered
