@@ -5,7 +5,12 @@ ratios to the 1-process run.
 
     .venv/bin/python benchmarks/scaling.py                    # tiny random VL model (models/tiny-vl), 4 steps each
     .venv/bin/python benchmarks/scaling.py --model mini       # the embedded mini LMM (configs/demo/mini_arith.yaml)
-    .venv/bin/python benchmarks/scaling.py --runs 1 ddp       # a subset: 1 (one process), ddp, zero2, zero3
+    .venv/bin/python benchmarks/scaling.py --runs 1 ddp       # a subset of: 1, 1x1t, ddp, zero2, zero3
+    .venv/bin/python benchmarks/scaling.py -- --model.sampling.n 8    # more `lmmr1 fit` options for every run
+
+Every process gets OMP_NUM_THREADS = CPUs // processes (Lightning's own rule for its 2 ranks, set explicitly for the
+1-process run too), so each run uses the whole machine; `1x1t` is one process on one thread, to tell data-parallel
+scaling apart from intra-op threading (which on a shared, busy machine can be far slower than one thread).
 
 samples/s = data.batch_size x sampling.n per step over the median `train/step_time` (metrics.csv) of the steps after
 the first (the median: other jobs on a shared machine make single steps spike; every step time is printed too).
@@ -32,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,15 +105,7 @@ def memory_report(trainer: Any, module: Any) -> dict[str, Any]:
     }
 
 
-def _callback_base() -> type:
-    try:
-        from lightning.pytorch import Callback
-    except ImportError:  # the parent process never instantiates the callback
-        return object
-    return Callback
-
-
-class MemoryReport(_callback_base()):
+class MemoryReport(Callback):
     """Writes `<default_root_dir>/memory/rank<r>.json` (see `memory_report`) when training ends, on every rank."""
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

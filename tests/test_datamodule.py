@@ -102,3 +102,21 @@ def test_datamodule_resume_yields_the_batch_that_would_have_come(tmp_path, tiny_
         assert all(p is None for b in expected[:2] for p in b.pixel_values)
         assert all(p is not None for b in got for p in b.pixel_values)
         assert resumed.stage_at(2).name == "mgt"
+
+
+def test_two_ranks_split_every_global_batch_into_disjoint_shares_whose_union_is_the_one_rank_batch():
+    stages = [[(0, 10, 0.5), (1, 7, 0.5)]]
+    one = CurriculumSampler(stages, [None], batch_size=4, seed=3)
+    ranks = [CurriculumSampler(stages, [None], batch_size=4, seed=3, rank=r, replicas=2) for r in range(2)]
+    global_stream = _take(one, 12)  # 3 global batches
+    shares = [_take(s, 6) for s in ranks]  # 3 local batches of 2 each
+    for step in range(3):
+        batch = global_stream[4 * step : 4 * step + 4]
+        local = [share[2 * step : 2 * step + 2] for share in shares]
+        assert local[0] + local[1] == batch  # rank 0 takes the first half, rank 1 the second
+        assert not {p for _, _, p in local[0]} & {p for _, _, p in local[1]}
+
+
+def test_batch_size_must_split_over_the_ranks():
+    with pytest.raises(ValueError, match="batch_size 5 .* divisible by the 2 data-parallel ranks"):
+        CurriculumSampler([[(0, 10, 1.0)]], [None], batch_size=5, seed=0, rank=0, replicas=2)

@@ -45,13 +45,14 @@ def _logits(model) -> torch.Tensor:  # noqa: ANN001
 
 
 class Snapshots(L.Callback):
-    """The policy's HF weights after each step (runs after HFCheckpoint, so it sees what that callback wrote)."""
+    """The policy's HF weights after each step (runs after HFCheckpoint, so it sees what that callback wrote; with
+    LoRA the names carry peft's `base_layer` / `lora_` parts)."""
 
     def __init__(self) -> None:
         self.after: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.after[trainer.global_step] = {k: v.clone() for k, v in pl_module.policy.weights_for_sync().items()}
+        self.after[trainer.global_step] = {k: v.clone() for k, v in pl_module.policy.model.state_dict().items()}
 
 
 def _fit(tiny_vl_path, mixed_rows, tmp_path, lora=None):  # noqa: ANN001, ANN202

@@ -84,3 +84,16 @@ def test_two_ranks_take_the_one_rank_step(strategy, tiny_vl_path, experience, re
         for key in ("train/grad_norm", "train/grad_clip_threshold", "train/grad_clipped"):
             assert two["clip"][key] == pytest.approx(one["clip"][key], rel=1e-5), (strategy, case, key)
         assert one["clip"]["train/grad_clipped"] == 1.0  # clipping was active, so the norm's value mattered
+
+
+def test_ranks_sample_with_seeds_from_their_prompts_global_positions():
+    from types import SimpleNamespace
+
+    from lmmr1.modules.rl_module import RLModule
+
+    module = SimpleNamespace(sampling=SamplingConfig(seed=5))
+    rank0 = SimpleNamespace(rows=[{"_position": 8}, {"_position": 9}])
+    rank1 = SimpleNamespace(rows=[{"_position": 10}, {"_position": 11}])
+    seeds = [RLModule._rollout_seed(module, batch) for batch in (rank0, rank1)]
+    assert seeds[0] != seeds[1]  # ranks do not draw identical rollouts
+    assert seeds[0] == RLModule._rollout_seed(module, rank0)  # a resumed run repeats them
