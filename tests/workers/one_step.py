@@ -26,7 +26,8 @@ from lmmr1.modules.rl_module import RLModule
 from lmmr1.rollout.base import SamplingConfig
 
 
-def run(model: str, experience: str, out: str, strategy: str | L.pytorch.strategies.Strategy, advantage: str, aggregation: str) -> None:
+def run(model: str, experience: str, out: str, strategy: str | L.pytorch.strategies.Strategy, advantage: str,
+        aggregation: str) -> None:
     exp, scores = torch.load(experience, weights_only=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     L.seed_everything(0)
