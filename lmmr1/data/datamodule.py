@@ -275,11 +275,6 @@ class PromptDataModule(L.LightningDataModule):
         """This process's share of every global batch (rank 0 of 1 outside distributed training)."""
         return data_parallel()
 
-    @property
-    def local_batch_size(self) -> int:
-        """Prompts per rollout on this rank."""
-        return self.batch_size // self.data_parallel.size
-
     def sampler(self, start: int = 0, dp: DataParallel | None = None) -> CurriculumSampler:
         stages, index = [], 0
         for stage in self.stages:

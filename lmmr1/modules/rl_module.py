@@ -208,7 +208,7 @@ class RLModule(L.LightningModule):
         inside the engine, so the engine clips by its own global norm at our threshold and the norm is recorded after
         the step (see lmmr1/modules/grad_clip.py). Only the `last` step of a rollout goes through Lightning's
         optimizer wrapper, which is what advances `global_step`: one RL step, however many optimizer steps."""
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+        engine = self._deepspeed_engine
         if engine is None:
             clip = self.grad_clip(p for p in self.parameters() if p.requires_grad)
             self._optimizer_step(optimizer, last)
@@ -220,12 +220,17 @@ class RLModule(L.LightningModule):
         self.grad_clip.record(norm, threshold)
         return {"grad_norm": norm, "grad_clip_threshold": threshold, "grad_clipped": (norm > threshold).float()}
 
+    @property
+    def _deepspeed_engine(self) -> Any:
+        """The DeepSpeed engine when training under a DeepSpeed strategy, else None."""
+        return getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+
     def _begin_micro_batch(self, last: bool) -> None:
         """Under DeepSpeed, do what the engine's own forward does before each micro-batch (our micro-batches run
         inside one engine forward, the training step): advance ZeRO's micro-step so gradients add up instead of
         being copied over, and mark the step's last backward as the accumulation boundary where they are reduced.
         Without it a step's micro-batches replaced each other's gradients (measured: wrong norm and update)."""
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+        engine = self._deepspeed_engine
         if engine is None:
             return
         clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
@@ -264,14 +269,13 @@ class RLModule(L.LightningModule):
         for extra in range(self.algorithm.dynamic_sampling.max_extra_rounds + 1):
             if extra:
                 exp, scores = self._generate(batch if len(batch) else first, seed + 7919 * extra)
-                if not len(batch):
-                    continue
-            keep = filter_groups(torch.tensor(scores.total), G).tolist()
-            rows = [g * G + j for g, k in enumerate(keep) if k for j in range(G)]
-            if rows:
-                kept.append((exp.select(rows), _select_scores(scores, rows)))
-            batch = batch.select([g for g, k in enumerate(keep) if not k])
-            if not any_rank(len(batch) > 0):
+            if len(batch):  # else this round only kept this rank in step with the others
+                keep = filter_groups(torch.tensor(scores.total), G).tolist()
+                rows = [g * G + j for g, k in enumerate(keep) if k for j in range(G)]
+                if rows:
+                    kept.append((exp.select(rows), _select_scores(scores, rows)))
+                batch = batch.select([g for g, k in enumerate(keep) if not k])
+            if not any_rank(len(batch) > 0):  # every rank asks every round, so all leave the loop together
                 break
         if not kept:  # nothing to learn from: train on the last batch anyway (its advantages are all zero)
             return exp, scores, 0
