@@ -96,35 +96,65 @@ def test_lora_folder_is_merged_and_training_keeps_its_adapters(tiny_vl_path, mix
     torch.testing.assert_close(_logits(final), _logits(module.policy.model), atol=1e-5, rtol=1e-5)
 
 
-def test_deepspeed_zero3_folder_export_equals_the_hf_folder_of_the_same_run(tiny_vl_path, tmp_path):
-    """A real ZeRO-3 run on 2 CPU processes (text-only data): the exported checkpoint folder and HFCheckpoint's final
-    folder hold the same trained weights, and they are not the untrained ones."""
+def _zero3_fit(tiny_vl_path: Path, cwd: Path, max_steps: int, ckpt_path: Path | None = None) -> None:
+    """`lmmr1 fit` of the smoke config under ZeRO-3 on 2 CPU processes (text-only data) in `cwd`: a DeepSpeed
+    checkpoint folder at ckpt/last.ckpt and HFCheckpoint's folders under run/hf."""
+    cwd.mkdir(parents=True, exist_ok=True)
     # the random model never earns the math reward (zero advantages, nothing to learn): reward length instead
-    (tmp_path / "length.py").write_text("def length(responses, rows):\n    return [len(r) / 20 for r in responses]\n")
+    (cwd / "length.py").write_text("def length(responses, rows):\n    return [len(r) / 20 for r in responses]\n")
     callbacks = ("[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: "
                  "true}}, {class_path: lmmr1.callbacks.hf_checkpoint.HFCheckpoint}]")
     command = [str(LMMR1), "fit", "-c", str(Path(__file__).parents[1] / "configs" / "demo" / "smoke.yaml"),
-               "--trainer.devices", "2", "--trainer.strategy", "deepspeed_stage_3", "--trainer.max_steps", "2",
-               "--trainer.default_root_dir", "run", "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
-               "--trainer.callbacks", callbacks, "--model.policy.init_args.path", str(tiny_vl_path),
-               "--model.reward", "length.py:length", "--model.optimizer.init_args.lr", "1e-2",
+               "--trainer.devices", "2", "--trainer.strategy", "deepspeed_stage_3",
+               "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", "run", "--trainer.logger", "false",
+               "--trainer.limit_val_batches", "0", "--trainer.callbacks", callbacks,
+               "--model.policy.init_args.path", str(tiny_vl_path), "--model.reward", "length.py:length",
+               "--model.optimizer.init_args.lr", "1e-2",
                "--data.datasets", "[{path: data/smoke/arith/data.jsonl, make: {kind: arith, n: 64, seed: 0}}]"]
+    if ckpt_path is not None:
+        command += ["--ckpt_path", str(ckpt_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    checkpoint = tmp_path / "ckpt" / "last.ckpt"
-    assert (checkpoint / "latest").is_file()  # a DeepSpeed folder, not a file
 
+
+@pytest.fixture(scope="module")
+def zero3_two_steps(tiny_vl_path, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("zero3-two-steps")
+    _zero3_fit(tiny_vl_path, cwd, max_steps=2)
+    return cwd
+
+
+def test_deepspeed_zero3_folder_export_equals_the_weight_stream_of_the_same_run(zero3_two_steps, tiny_vl_path,
+                                                                                  tmp_path):
+    """A real ZeRO-3 run: the exported checkpoint folder (merged by DeepSpeed from the optimizer's fp32 shards) and
+    HFCheckpoint's final folder (written from the weight stream an engine gets: parameters gathered by
+    `GatheredParameters`) hold the same trained weights, and they are not the untrained ones."""
+    checkpoint = zero3_two_steps / "ckpt" / "last.ckpt"
+    assert (checkpoint / "latest").is_file()  # a DeepSpeed folder, not a file
+    final_folder = zero3_two_steps / "run" / "hf" / "final"
     exported = AutoModelForImageTextToText.from_pretrained(export_checkpoint(checkpoint, tmp_path / "exported"))
-    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "hf" / "final")
+    final = AutoModelForImageTextToText.from_pretrained(final_folder)
     untrained = AutoModelForImageTextToText.from_pretrained(tiny_vl_path)
     assert torch.equal(_logits(exported), _logits(final))
     assert not torch.allclose(_logits(exported), _logits(untrained), atol=1e-3)
     for name, value in final.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name
-    stored = [set(load_file(folder / "model.safetensors")) for folder in (tmp_path / "exported", tmp_path / "run" /
-                                                                           "hf" / "final")]
+    stored = [set(load_file(folder / "model.safetensors")) for folder in (tmp_path / "exported", final_folder)]
     assert stored[0] == stored[1]  # the tied LM head gathered from ZeRO-3 is stored once, as export stores it
+
+
+def test_deepspeed_zero3_two_steps_resumed_for_two_more_equal_four_steps(zero3_two_steps, tiny_vl_path, tmp_path):
+    """Resume from the ZeRO-3 checkpoint folder (sharded weights, optimizer state, prompt position, clip history):
+    the resumed run ends on exactly the weights of an uninterrupted 4-step run."""
+    _zero3_fit(tiny_vl_path, tmp_path / "resumed", max_steps=4, ckpt_path=zero3_two_steps / "ckpt" / "last.ckpt")
+    _zero3_fit(tiny_vl_path, tmp_path / "straight", max_steps=4)
+    resumed, straight, two = (AutoModelForImageTextToText.from_pretrained(root / "run" / "hf" / "final").state_dict()
+                              for root in (tmp_path / "resumed", tmp_path / "straight", zero3_two_steps))
+    assert resumed.keys() == straight.keys()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+    assert any(not torch.equal(two[name], value) for name, value in straight.items())  # steps 3-4 moved the weights
 
 
 def test_a_folder_that_is_not_a_deepspeed_checkpoint_is_named_with_what_is_missing(tmp_path, capsys):

@@ -97,3 +97,31 @@ def test_ranks_sample_with_seeds_from_their_prompts_global_positions():
     seeds = [RLModule._rollout_seed(module, batch) for batch in (rank0, rank1)]
     assert seeds[0] != seeds[1]  # ranks do not draw identical rollouts
     assert seeds[0] == RLModule._rollout_seed(module, rank0)  # a resumed run repeats them
+
+
+def test_torchrun_two_local_nodes_train_two_steps(tiny_vl_path, tmp_path):
+    """Two torchrun launches on one machine stand for two nodes of one process each (`--trainer.num_nodes 2`):
+    Lightning takes the ranks torchrun gives, the run trains 2 steps, and the global batch is split across nodes."""
+    lmmr1 = Path(sys.executable).parent / "lmmr1"
+    port = 31000 + os.getpid() % 2000
+    fit = [str(lmmr1), "fit", "-c", str(ROOT / "configs/demo/smoke.yaml"), "--trainer.num_nodes", "2",
+           "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+           "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[{class_path: lightning.pytorch.callbacks."
+           "ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]",
+           "--model.policy.init_args.path", str(tiny_vl_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               *fit], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}:\n{output[-4000:]}"
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output, output[-2000:]  # one world of two
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    assert state["PromptDataModule"]["consumed"] == 8  # 2 steps x the global batch of 4 prompts
