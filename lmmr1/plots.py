@@ -17,7 +17,7 @@ PANELS = {
     "entropy": ("train/entropy",),
     "kl": ("train/kl", "train/kl_coef"),
     "grad_norm": ("train/grad_norm", "train/grad_clip_threshold"),
-    "loss": ("train/policy_loss", "train/clip_frac", "train/value_loss"),
+    "loss": ("train/policy_loss", "train/kl_loss", "train/clip_frac", "train/value_loss"),
 }
 """Figure name -> metric-name prefixes it plots."""
 

@@ -28,7 +28,7 @@ def test_yaml_name_types_equal_the_registries():
 
 def test_defaults_are_valid_and_consistent():
     cfg = AlgorithmConfig()
-    cfg.check(has_critic=False, has_reference=True, group_size=4, max_new_tokens=256)
+    cfg.check(has_critic=False, group_size=4, max_new_tokens=256)
     assert not cfg.uses_critic and cfg.needs_reference
     assert not AlgorithmConfig(kl=KLConfig(coef=0.0)).needs_reference
     assert AlgorithmConfig(advantage="gae").uses_critic
@@ -74,6 +74,14 @@ def test_jsonargparse_add_class_arguments_and_range_errors_name_the_flag():
     # Dr. GRPO with a length-normalising loss brings the bias back it removes
     (dict(advantage="dr_grpo"), r"--model.algorithm.loss.aggregation: advantage 'dr_grpo' needs "
                                 r"'seq-mean-token-sum-norm'.*got 'token-mean'"),
+    # combinations that would run and silently not do what the option says
+    (dict(tis_cap=2.0, recompute_old_logprobs=False), r"--model.algorithm.tis_cap: has no effect with "
+                                                      r"recompute_old_logprobs: false"),
+    (dict(advantage="reinforce_pp", kl={"coef": 0.01, "placement": "loss"}),
+     r"--model.algorithm.kl.placement: advantage 'reinforce_pp' is defined with the KL penalty in the per-token "
+     r"reward"),
+    (dict(loss={"name": "gspo"}), r"--model.algorithm.loss.aggregation: loss 'gspo' .* only with "
+                                  r"'seq-mean-token-mean'.*got 'token-mean'"),
 ])
 def test_bad_values_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -85,25 +93,26 @@ def test_bad_values_name_the_flag(kwargs, message):
     (dict(advantage="grpo"), dict(group_size=1), r"'grpo' compares samples of the same prompt and needs sampling.n"),
     (dict(advantage="rloo"), dict(group_size=1), r"'rloo' compares samples"),
     (dict(advantage="reinforce_baseline"), dict(group_size=1), r"'reinforce_baseline' compares samples"),
-    (dict(kl={"coef": 0.01}), dict(has_reference=False), r"--model.algorithm.kl.coef: is 0.01 but there is no "
-                                                          r"reference policy"),
-    (dict(advantage="reinforce_pp", dynamic_sampling={"enabled": True}), dict(group_size=1),
+    (dict(advantage="reinforce_pp", kl={"placement": "reward"}, dynamic_sampling={"enabled": True}),
+     dict(group_size=1),
      r"--model.algorithm.dynamic_sampling.enabled: dynamic sampling drops groups"),
     (dict(overlong={"buffer": 64}), dict(max_new_tokens=32), r"--model.algorithm.overlong.buffer: 64 is longer"),
 ])
 def test_impossible_combinations_fail_before_any_rollout(kwargs, context, message):
     cfg = AlgorithmConfig(**kwargs)
-    full = dict(has_critic=True, has_reference=True, group_size=4, max_new_tokens=None) | context
+    full = dict(has_critic=True, group_size=4, max_new_tokens=None) | context
     with pytest.raises(ValueError, match=message):
         cfg.check(**full)
 
 
 def test_possible_combinations_pass_check():
-    AlgorithmConfig(advantage="gae").check(has_critic=True, has_reference=True, group_size=1)
-    AlgorithmConfig(advantage="reinforce_pp", kl={"coef": 0.0}).check(has_critic=False, has_reference=False,
-                                                                       group_size=1)
+    AlgorithmConfig(advantage="gae").check(has_critic=True, group_size=1)
+    AlgorithmConfig(advantage="reinforce_pp", kl={"coef": 0.0}).check(has_critic=False, group_size=1)
+    AlgorithmConfig(advantage="reinforce_pp", kl={"placement": "reward"}).check(has_critic=False, group_size=1)
+    AlgorithmConfig(loss={"name": "gspo", "aggregation": "seq-mean-token-mean"}).check(has_critic=False, group_size=4)
+    AlgorithmConfig(tis_cap=2.0).check(has_critic=False, group_size=4)
     AlgorithmConfig(advantage="dr_grpo", loss={"aggregation": "seq-mean-token-sum-norm", "max_len": 64}).check(
-        has_critic=False, has_reference=True, group_size=8, max_new_tokens=64)
+        has_critic=False, group_size=8, max_new_tokens=64)
 
 
 @pytest.mark.parametrize("name", ["ppo", "gspo"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmmr1.modules.algorithms import POLICY_LOSSES, aggregate, micro_batch_share, value_loss
+from lmmr1.modules.algorithms import POLICY_LOSSES, aggregate, loss_units, micro_batch_share, value_loss
 
 GARBAGE = 1e6
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -222,7 +222,7 @@ def _grads(mode, micro_size, weighting):
     for k in range(n_micro):
         rows = slice(k * micro_size, (k + 1) * micro_size)
         loss, _ = POLICY_LOSSES["ppo"](lp[rows], old[rows], adv[rows], mask[rows], **kwargs)
-        weight = 1 / n_micro if weighting == "equal" else micro_batch_share(mask[rows], mask, mode)
+        weight = 1 / n_micro if weighting == "equal" else micro_batch_share(mask[rows], loss_units(mask, mode), mode)
         (loss * weight).backward()
     return lp.grad
 

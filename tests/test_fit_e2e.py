@@ -85,7 +85,8 @@ def test_two_steps_change_every_trainable_policy_parameter_and_not_the_reference
     {"advantage": "reinforce_baseline"},
     {"advantage": "reinforce_pp", "kl": {"coef": 1e-2, "placement": "reward"}},
     {"advantage": "dr_grpo", "loss": {"aggregation": "seq-mean-token-sum-norm", "max_len": 8}},
-    {"advantage": "grpo", "loss": {"name": "gspo", "clip_low": 3e-4, "clip_high": 4e-4}},
+    {"advantage": "grpo", "loss": {"name": "gspo", "clip_low": 3e-4, "clip_high": 4e-4,
+                                   "aggregation": "seq-mean-token-mean"}},
     {"advantage": "grpo", "dynamic_sampling": {"enabled": True}, "overlong": {"buffer": 4}},
     {"advantage": "grpo", "tis_cap": 2.0},
 ], ids=lambda a: "-".join(str(v) if not isinstance(v, dict) else "+".join(map(str, v.values())) for v in a.values()))

@@ -8,7 +8,8 @@ the first rollout; both raise `ValueError` naming the flag.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
 from lmmr1.modules.algorithms import (
@@ -45,6 +46,14 @@ def _require(ok: bool, flag: str, message: str) -> None:
         raise ValueError(f"{flag}: {message}")
 
 
+def _require_finite(config: object, flag: str) -> None:
+    """Every float field of `config` is a finite number (inf or NaN would turn losses or rewards into NaN)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        _require(not isinstance(value, float) or math.isfinite(value), f"{flag}.{f.name}",
+                 f"must be a finite number, got {value}")
+
+
 @dataclass
 class KLConfig:
     """KL regularisation towards the frozen reference policy."""
@@ -63,6 +72,7 @@ class KLConfig:
     """Adaptive coefficient: samples over which the KL error is corrected (larger = slower changes)."""
 
     def __post_init__(self) -> None:
+        _require_finite(self, self._flag)
         _choice(f"{self._flag}.estimator", self.estimator, KL_ESTIMATORS)
         _choice(f"{self._flag}.placement", self.placement, ("loss", "reward"))
         _require(self.coef >= 0, f"{self._flag}.coef", f"must be >= 0, got {self.coef}")
@@ -91,6 +101,7 @@ class LossConfig:
     """Constant length divisor of seq-mean-token-sum-norm, usually sampling.max_new_tokens."""
 
     def __post_init__(self) -> None:
+        _require_finite(self, self._flag)
         _choice(f"{self._flag}.name", self.name, POLICY_LOSSES)
         _choice(f"{self._flag}.aggregation", self.aggregation, LOSS_AGGREGATIONS)
         _require(0 <= self.clip_low < 1, f"{self._flag}.clip_low", f"must be in [0, 1), got {self.clip_low}")
@@ -130,6 +141,7 @@ class GradClipConfig:
     """'zscore': decay of the EMA of the norm's mean and variance."""
 
     def __post_init__(self) -> None:
+        _require_finite(self, self._flag)
         _choice(f"{self._flag}.mode", self.mode, GRAD_CLIP_MODES)
         _require(self.max_norm > 0, f"{self._flag}.max_norm", f"must be > 0, got {self.max_norm}")
         _require(0 < self.percentile <= 100, f"{self._flag}.percentile", f"must be in (0, 100], got {self.percentile}")
@@ -174,6 +186,7 @@ class OverlongConfig:
     """Drop responses cut off at max_new_tokens from the loss (overlong filtering)."""
 
     def __post_init__(self) -> None:
+        _require_finite(self, self._flag)
         _require(self.buffer >= 0, f"{self._flag}.buffer", f"must be >= 0, got {self.buffer}")
         _require(self.factor >= 0, f"{self._flag}.factor", f"must be >= 0, got {self.factor}")
 
@@ -226,7 +239,11 @@ class AlgorithmConfig:
         for name, cls in (("kl", KLConfig), ("loss", LossConfig), ("grad_clip", GradClipConfig),
                           ("dynamic_sampling", DynamicSamplingConfig), ("overlong", OverlongConfig)):
             if isinstance(getattr(self, name), dict):
+                unknown = sorted(set(getattr(self, name)) - {f.name for f in fields(cls)})
+                _require(not unknown, f"{FLAG}.{name}", f"unknown key(s) {unknown}; choose from "
+                         f"{[f.name for f in fields(cls)]}")
                 setattr(self, name, cls(**getattr(self, name)))
+        _require_finite(self, FLAG)
         _choice(f"{FLAG}.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         _require(0 <= self.gamma <= 1, f"{FLAG}.gamma", f"must be in [0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, f"{FLAG}.lam", f"must be in [0, 1], got {self.lam}")
@@ -246,6 +263,17 @@ class AlgorithmConfig:
         _require(self.advantage != "dr_grpo" or self.loss.aggregation == "seq-mean-token-sum-norm",
                  f"{FLAG}.loss.aggregation", f"advantage 'dr_grpo' needs 'seq-mean-token-sum-norm' (constant-length "
                  f"normalisation, with loss.max_len), got {self.loss.aggregation!r}")
+        # Combinations that would run but silently not do what their names promise:
+        _require(self.tis_cap is None or self.recompute_old_logprobs, f"{FLAG}.tis_cap",
+                 "has no effect with recompute_old_logprobs: false (the old log-probs then are the engine's, so every "
+                 "importance weight is 1); recompute them or drop tis_cap")
+        _require(self.advantage != "reinforce_pp" or self.kl.coef == 0 or self.kl.placement == "reward",
+                 f"{FLAG}.kl.placement", "advantage 'reinforce_pp' is defined with the KL penalty in the per-token "
+                 "reward (arXiv:2501.03262); set kl.placement: reward (or kl.coef: 0)")
+        _require(self.loss.name != "gspo" or self.loss.aggregation == "seq-mean-token-mean",
+                 f"{FLAG}.loss.aggregation", f"loss 'gspo' optimises one ratio per sequence and equals its objective "
+                 f"only with 'seq-mean-token-mean' (token-mean weights sequences by length), got "
+                 f"{self.loss.aggregation!r}")
 
     @property
     def uses_critic(self) -> bool:
@@ -257,13 +285,12 @@ class AlgorithmConfig:
         """True when a reference policy forward is needed (a non-zero KL coefficient)."""
         return self.kl.coef > 0
 
-    def check(self, *, has_critic: bool, has_reference: bool, group_size: int,
-              max_new_tokens: int | None = None) -> None:
-        """Reject combinations that cannot work, before any rollout.
+    def check(self, *, has_critic: bool, group_size: int, max_new_tokens: int | None = None) -> None:
+        """Reject combinations with the rest of the module's settings, before any rollout. (A KL reference always
+        exists when kl.coef > 0: the module builds it from the policy's folder.)
 
         Args:
             has_critic: whether the module holds a critic (value model).
-            has_reference: whether a reference policy is (or can be) available for the KL term.
             group_size: samples per prompt, G (sampling.n).
             max_new_tokens: the generation budget, to check overlong.buffer against (optional).
         """
@@ -274,7 +301,5 @@ class AlgorithmConfig:
                  f"{self.advantage!r} compares samples of the same prompt and needs sampling.n >= 2, got {group_size}")
         _require(not self.dynamic_sampling.enabled or group_size >= 2, f"{FLAG}.dynamic_sampling.enabled",
                  f"dynamic sampling drops groups with equal rewards and needs sampling.n >= 2, got {group_size}")
-        _require(not self.needs_reference or has_reference, f"{FLAG}.kl.coef",
-                 f"is {self.kl.coef} but there is no reference policy; set it to 0 or provide a reference")
         _require(max_new_tokens is None or self.overlong.buffer <= max_new_tokens, f"{FLAG}.overlong.buffer",
                  f"{self.overlong.buffer} is longer than sampling.max_new_tokens={max_new_tokens}")

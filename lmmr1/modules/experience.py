@@ -111,15 +111,25 @@ class Experience:
 
     @classmethod
     def concat(cls, parts: list[Experience]) -> Experience:
-        """Row-wise concatenation of rollouts of the same prompt length, right-padding responses to the longest."""
+        """Row-wise concatenation of rollouts (e.g. of different prompt batches): prompts are left-padded to the
+        longest prompt and responses right-padded to the longest response, as each part already is inside. Only the
+        rollout fields are kept; scoring comes after."""
         T = max(p.response_len for p in parts)
+        P = max(p.input_ids.shape[1] - p.response_len for p in parts)
 
         def cat(name: str) -> Tensor:
             return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, T - p.response_len)) for p in parts])
 
+        def cat_sequence(name: str) -> Tensor:  # (N, P + T): left-pad the prompt part, right-pad the response part
+            padded = []
+            for p in parts:
+                prompt_len = p.input_ids.shape[1] - p.response_len
+                padded.append(torch.nn.functional.pad(getattr(p, name), (P - prompt_len, T - p.response_len)))
+            return torch.cat(padded)
+
         return cls(
-            input_ids=cat("input_ids"),  # padded with 0: masked out by attention_mask and response_mask
-            attention_mask=cat("attention_mask"),
+            input_ids=cat_sequence("input_ids"),  # padded with 0: masked out by attention_mask and response_mask
+            attention_mask=cat_sequence("attention_mask"),
             response_mask=cat("response_mask"),
             rollout_logprobs=cat("rollout_logprobs"),
             truncated=torch.cat([p.truncated for p in parts]),

@@ -90,6 +90,7 @@ class Policy(nn.Module):
         super().__init__()
         path = os.path.expanduser(path)  # configs may point into ~/.cache/lmmr1
         self.path, self.dtype, self.logprob_chunk, self.packing = path, dtype, logprob_chunk, packing
+        self.attn_implementation = attn_implementation
         self.model = load_hf_model(path, dtype, attn_implementation).train()  # from_pretrained returns eval mode
         self.freeze = list(freeze or [])
         apply_freeze(self.model, self.freeze)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -18,8 +18,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from lmmr1.callbacks.weight_sync import WeightSync, holds_own_weights
 from lmmr1.data.processor import PromptBatch
-from lmmr1.distributed import any_rank, data_parallel, global_max, global_stats, global_sum
+from lmmr1.distributed import (
+    all_gather_objects,
+    data_parallel,
+    global_max,
+    global_stats,
+    global_sum,
+)
 from lmmr1.modules.algorithm_config import AlgorithmConfig
 from lmmr1.modules.algorithms import (
     ADVANTAGE_ESTIMATORS,
@@ -27,7 +34,11 @@ from lmmr1.modules.algorithms import (
     POLICY_LOSSES,
     aggregate,
     build_kl_controller,
+    entropy_bonus,
     filter_groups,
+    first_in_stream,
+    loss_units,
+    micro_batch_share,
     overlong_penalty,
     truncated_importance_weights,
     value_loss,
@@ -52,6 +63,36 @@ from lmmr1.rollout.hf import HFEngine
 def _select_scores(scores: RewardOutput, rows: list[int]) -> RewardOutput:
     components = {k: [v[i] for i in rows] for k, v in scores.components.items()}
     return RewardOutput([scores.total[i] for i in rows], components, scores.stats)
+
+
+def _merge_scores(parts: list[RewardOutput]) -> RewardOutput:
+    """The scores of several generation rounds as one, in order (reward statistics such as timeouts add up)."""
+    names = {k for p in parts for k in p.components}
+    stats: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return RewardOutput([t for p in parts for t in p.total],
+                        {k: [v for p in parts for v in p.components.get(k, [float("nan")] * len(p.total))]
+                         for k in names}, stats)
+
+
+@dataclass
+class Rollout:
+    """One step's sampled experience: what is trained on, and everything generated (for honest reward curves)."""
+
+    exp: Experience
+    """The samples trained on (with dynamic sampling: the kept groups, cut to the batch size)."""
+    scores: RewardOutput
+    """Their rewards."""
+    generated: RewardOutput
+    """Rewards of every sample generated this step, kept or not."""
+    generated_groups: int
+    """Prompt groups generated on this rank."""
+    rounds: int
+    """Generation batches drawn (1 + extra batches of dynamic sampling)."""
+    first_row: Experience
+    """One generated sample, kept or not: the template of the zero-weight fillers that keep ranks in step."""
 
 
 class RLModule(L.LightningModule):
@@ -90,7 +131,7 @@ class RLModule(L.LightningModule):
         self.engine = engine or HFEngine()
         self.sampling = sampling or SamplingConfig()
         self.algorithm = algorithm or AlgorithmConfig()
-        self.algorithm.check(has_critic=critic is not None, has_reference=True, group_size=self.sampling.n,
+        self.algorithm.check(has_critic=critic is not None, group_size=self.sampling.n,
                              max_new_tokens=self.sampling.max_new_tokens)
         if critic is not None and critic.backbone is None:
             critic.build(policy.path)
@@ -105,7 +146,9 @@ class RLModule(L.LightningModule):
                                    "evaluation": asdict(self.evaluation), "policy": policy.settings()})
         self.reference = None
         if self.algorithm.needs_reference:
+            # built like the policy (dtype, attention kernel, packing): a kernel difference alone would be a KL floor
             self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
+                                    attn_implementation=policy.attn_implementation,
                                     logprob_chunk=policy.logprob_chunk, packing=policy.packing)
             self.reference.requires_grad_(False).eval()
         self.kl_controller = build_kl_controller(self.algorithm.kl)
@@ -115,6 +158,12 @@ class RLModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy.path, padding_side="left")
         self.engine.bind(self.policy, self.tokenizer)
+        if stage == "fit" and holds_own_weights(self.engine) and not any(
+                isinstance(c, WeightSync) for c in self.trainer.callbacks):
+            raise ValueError(f"--model.engine: {type(self.engine).__name__} samples from its own copy of the weights, "
+                             f"and nothing would refresh it after an update (training would go on against the "
+                             f"starting policy); add the callback lmmr1.callbacks.weight_sync.WeightSync to "
+                             f"--trainer.callbacks")
         datamodule = self.trainer.datamodule
         if stage == "fit" and hasattr(datamodule, "all_train_rows"):
             self.reward.check_rows(datamodule.all_train_rows())  # uncovered datasources fail now, not mid-run
@@ -151,35 +200,45 @@ class RLModule(L.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
         start = time.perf_counter()
         algo = self.algorithm
-        exp, scores, dropped = self._rollout(batch)
+        rollout = self._rollout(batch)
         self.engine.sleep()  # an engine with its own weights frees memory for training; WeightSync wakes it
-        exp = self._score_tokens(exp, scores)
+        filler = self._inert(rollout.first_row)
+        exp = self._score_tokens(rollout.exp, rollout.scores, filler)
         optimizer = self.optimizers()
         history: list[dict[str, Tensor]] = []
         clip: dict[str, Tensor] = {}
-        mini_batches = [self._mini_batch_rows(len(exp), epoch) for epoch in range(algo.ppo_epochs)]
-        total_steps = sum(len(m) for m in mini_batches)
-        for rows in (rows for epoch in mini_batches for rows in epoch):
+        samples = int(global_sum(torch.tensor(len(exp))))
+        steps = [rows for epoch in range(algo.ppo_epochs) for rows in self._mini_batch_rows(len(exp), epoch)]
+        if not samples:  # no rank kept a group: no update at all (Adam's moments and the KL term stay put)
+            steps = []
+            self._count_step_without_update(optimizer)
+        for step, rows in enumerate(steps):
             mini = exp.select(rows)
             normaliser = self._loss_normaliser(mini)
-            micros = self._padded_micro_batches(mini, filler=exp)
+            micros = self._padded_micro_batches(mini, filler)
             for i, (micro, real) in enumerate(micros):
                 self._begin_micro_batch(last=i == len(micros) - 1)
                 loss, micro_metrics = self._loss(micro, normaliser)
                 self.manual_backward(loss if real else loss * 0.0)  # a filler keeps the ranks' collectives paired
                 if real:
                     history.append(micro_metrics)
-            total_steps -= 1
-            clip = self._clip_and_step(optimizer, last=total_steps == 0)
+            clip = self._clip_and_step(optimizer, last=step == len(steps) - 1)
             optimizer.zero_grad(set_to_none=True)
             if self.make_lr_scheduler is not None:  # manual optimization: Lightning does not step schedulers
                 self.lr_schedulers().step()
         kl = self._global_token_mean(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs),
                                      exp.response_mask) if exp.ref_logprobs is not None else torch.zeros(())
-        self.kl_controller.update(float(kl), int(global_sum(torch.tensor(len(exp)))))
-        self._log_step(exp, scores, history, clip, kl, dropped, time.perf_counter() - start,
-                       optimizer_steps=sum(len(m) for m in mini_batches))
-        return {"samples": self._sample_records(exp, scores)}
+        if samples:
+            self.kl_controller.update(float(kl), samples)
+        self._log_step(exp, rollout, history, clip, kl, time.perf_counter() - start, optimizer_steps=len(steps))
+        return {"samples": self._sample_records(exp, rollout.scores)}
+
+    def _count_step_without_update(self, optimizer: Any) -> None:
+        """Advance `global_step` (an RL step happened) without touching the weights or the optimizer's state.
+        Lightning counts manual-optimization steps in its optimizer wrapper's step hooks; they run here without the
+        step in between (a DeepSpeed engine must not step: it would apply zero gradients and weight decay)."""
+        optimizer._on_before_step()
+        optimizer._on_after_step()
 
     def _mini_batch_rows(self, n_rows: int, epoch: int) -> list[list[int]]:
         """This rank's rows of each optimizer step of one PPO epoch. `train_batch_size` counts samples over all ranks;
@@ -193,11 +252,7 @@ class RLModule(L.LightningModule):
 
     def _loss_normaliser(self, mini: Experience) -> Tensor:
         """The global denominator of the loss of one optimizer step: valid tokens (token-mean) or rows, all ranks."""
-        if self.algorithm.loss.aggregation == "token-mean":
-            local = mini.response_mask.sum()
-        else:
-            local = torch.tensor(float(len(mini)), device=self.device)
-        return global_sum(local.float()).clamp(min=1)
+        return global_sum(loss_units(mini.response_mask, self.algorithm.loss.aggregation))
 
     def _global_token_mean(self, x: Tensor, mask: Tensor) -> Tensor:
         total = global_sum(torch.stack([(x * mask).sum().float(), mask.sum().float()]))
@@ -254,50 +309,68 @@ class RLModule(L.LightningModule):
         first = min((row.get("_position", 0) for row in batch.rows), default=0)
         return self.sampling.seed * 1_000_003 + int(first)
 
-    def _rollout(self, batch: PromptBatch) -> tuple[Experience, RewardOutput, int]:
+    def _rollout(self, batch: PromptBatch) -> Rollout:
         """Sample G completions per prompt and score them. With dynamic sampling (DAPO, arXiv:2503.14476), groups whose
-        rewards are all equal carry no signal: their prompts are re-sampled up to `max_extra_rounds` times, then
-        dropped. Returns the experience, its scores and the number of dropped prompts. Every rank runs the same number
-        of rounds (generation is a collective under ZeRO-3): a rank with nothing left re-samples a prompt and discards
-        the result."""
-        G, seed = self.sampling.n, self._rollout_seed(batch)
-        exp, scores = self._generate(batch, seed)
+        rewards are all equal carry no signal and are dropped; new prompts are drawn from the stream, a batch at a
+        time (at most `max_extra_rounds` more), until the kept groups fill the batch, which is then cut to its size
+        keeping the earliest prompts of the stream. Every rank draws as many batches (the decision is global)."""
+        G = self.sampling.n
+        exp, scores = self._generate(batch, self._rollout_seed(batch))
+        first_row = exp.select([0])
         if not self.algorithm.dynamic_sampling.enabled:
-            return exp, scores, 0
-        kept: list[tuple[Experience, RewardOutput]] = []
-        first = batch.select([0])
+            return Rollout(exp, scores, scores, generated_groups=len(batch), rounds=1, first_row=exp.select([0]))
+        target = int(global_sum(torch.tensor(len(batch))))  # prompts per step, all ranks
+        parts: list[tuple[Experience, RewardOutput, list[int]]] = []
+        generated: list[RewardOutput] = []
         for extra in range(self.algorithm.dynamic_sampling.max_extra_rounds + 1):
             if extra:
-                exp, scores = self._generate(batch if len(batch) else first, seed + 7919 * extra)
-            if len(batch):  # else this round only kept this rank in step with the others
-                keep = filter_groups(torch.tensor(scores.total), G).tolist()
-                rows = [g * G + j for g, k in enumerate(keep) if k for j in range(G)]
-                if rows:
-                    kept.append((exp.select(rows), _select_scores(scores, rows)))
-                batch = batch.select([g for g, k in enumerate(keep) if not k])
-            if not any_rank(len(batch) > 0):  # every rank asks every round, so all leave the loop together
+                batch = self._next_prompts()
+                if batch is None:  # a finite prompt stream ran out
+                    break
+                exp, scores = self._generate(batch, self._rollout_seed(batch))
+            generated.append(scores)
+            keep = filter_groups(torch.tensor(scores.total), G).tolist()
+            groups = [g for g, k in enumerate(keep) if k]
+            rows = [g * G + j for g in groups for j in range(G)]
+            # stream order: (round, stream position), or the rank's own order for rows that carry no position
+            order = [(extra, batch.rows[g].get("_position", data_parallel().rank * 2**40 + g)) for g in groups]
+            parts.append((exp.select(rows), _select_scores(scores, rows), order))
+            if int(global_sum(torch.tensor(sum(len(p) for _, _, p in parts)))) >= target:
                 break
-        if not kept:  # nothing to learn from: train on the last batch anyway (its advantages are all zero)
-            return exp, scores, 0
-        merged = RewardOutput([t for _, s in kept for t in s.total],
-                              {k: [v for _, s in kept for v in s.components[k]] for k in kept[0][1].components},
-                              kept[0][1].stats)
-        return Experience.concat([e for e, _ in kept]), merged, len(batch)
+        positions = [p for _, _, part in parts for p in part]
+        chosen = first_in_stream(positions, all_gather_objects(positions), target)
+        rows = [g * G + j for g, ok in enumerate(chosen) if ok for j in range(G)]
+        kept = Experience.concat([e for e, _, _ in parts]).select(rows)
+        return Rollout(kept, _select_scores(_merge_scores([s for _, s, _ in parts]), rows), _merge_scores(generated),
+                       generated_groups=sum(len(s.total) for s in generated) // G, rounds=len(generated),
+                       first_row=first_row)
+
+    def _next_prompts(self) -> PromptBatch | None:
+        """The next batch of this rank's prompt stream, drawn inside a training step (DAPO's extra generation
+        batches); None when a finite stream has run out. It comes from the fit loop's own data fetcher, so the stream
+        stays one: later steps continue after it, and the datamodule's resume position (updated by the
+        batch-transfer hook) counts it."""
+        fetcher = self.trainer.fit_loop._data_fetcher  # Lightning has no public handle on the running train iterator
+        try:
+            batch, _, _ = next(fetcher)
+        except StopIteration:
+            return None
+        return self.trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
     @torch.no_grad()
-    def _score_tokens(self, exp: Experience, scores: RewardOutput) -> Experience:
+    def _score_tokens(self, exp: Experience, scores: RewardOutput, filler: Experience) -> Experience:
         """Old/reference log-probs, KL-in-reward, overlong penalty and advantages for the whole batch."""
         algo = self.algorithm
         if algo.recompute_old_logprobs:
-            exp.old_logprobs = self._forward_all(exp, lambda m: self.policy.logprobs(
+            exp.old_logprobs = self._forward_all(exp, filler, lambda m: self.policy.logprobs(
                 **m.model_inputs(), temperature=self._temperature)[0])
         else:
             exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
-            exp.ref_logprobs = self._forward_all(exp, lambda m: self.reference.logprobs(
+            exp.ref_logprobs = self._forward_all(exp, filler, lambda m: self.reference.logprobs(
                 **m.model_inputs(), temperature=self._temperature)[0])
         if self.critic is not None:
-            exp.values = self._forward_all(exp, lambda m: self.critic.values(**m.model_inputs()))
+            exp.values = self._forward_all(exp, filler, lambda m: self.critic.values(**m.model_inputs()))
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
         if algo.overlong.buffer > 0:
             rewards = rewards + overlong_penalty(exp.response_mask.sum(-1), max_new_tokens=self.sampling.max_new_tokens,
@@ -314,10 +387,22 @@ class RLModule(L.LightningModule):
             gamma=algo.gamma, lam=algo.lam, reduce=global_sum)
         return exp
 
-    def _forward_all(self, exp: Experience, forward: Any) -> Tensor:
+    def _forward_all(self, exp: Experience, filler: Experience, forward: Any) -> Tensor:
         """`forward` over the micro-batches of `exp`, concatenated (fillers run for pairing, their output dropped)."""
-        outputs = [(forward(micro), real) for micro, real in self._padded_micro_batches(exp, filler=exp)]
-        return torch.cat([out for out, real in outputs if real])
+        outputs = []
+        for micro, real in self._padded_micro_batches(exp, filler):
+            out = forward(micro)
+            if real:
+                outputs.append(out)
+        return torch.cat(outputs) if outputs else exp.response_mask.new_zeros(0, exp.response_len)
+
+    def _inert(self, row: Experience) -> Experience:
+        """A zero-weight filler row: every scored field present (so the loss runs) and neutral."""
+        zeros = torch.zeros_like(row.rollout_logprobs)
+        return replace(row, old_logprobs=row.rollout_logprobs, advantages=zeros, returns=zeros,
+                       rewards=zeros.new_zeros(len(row)),
+                       ref_logprobs=row.rollout_logprobs if self.reference is not None else None,
+                       values=zeros if self.critic is not None else None)
 
     def _micro_batches(self, exp: Experience) -> list[Experience]:
         algo = self.algorithm
@@ -328,7 +413,7 @@ class RLModule(L.LightningModule):
         each forward is a collective under ZeRO-3 and each backward under DDP, so all ranks must run as many."""
         micros = [(m, True) for m in self._micro_batches(exp)] if len(exp) else []
         if data_parallel().active:
-            micros += [(filler.select([0]), False)] * (global_max(len(micros)) - len(micros))
+            micros += [(filler, False)] * (global_max(len(micros)) - len(micros))
         return micros
 
     @property
@@ -348,33 +433,41 @@ class RLModule(L.LightningModule):
                                                                    cap=algo.tis_cap)
         loss, metrics = POLICY_LOSSES[algo.loss.name](logprobs, micro.old_logprobs, advantages, mask,
                                                       **algo.loss.kwargs())
-        agg = dict(mode=algo.loss.aggregation, max_len=algo.loss.max_len)
+        agg = dict(aggregation=algo.loss.aggregation, max_len=algo.loss.max_len)
+        metrics = {**metrics, "policy_loss": loss.detach()}  # the policy term alone; every other term has its name
         if algo.kl.placement == "loss" and micro.ref_logprobs is not None:
             kl = KL_ESTIMATORS[algo.kl.estimator](logprobs, micro.ref_logprobs)
-            loss = loss + self.kl_controller.coef * aggregate(kl, mask, **agg)
+            kl_loss = self.kl_controller.coef * aggregate(kl, mask, algo.loss.aggregation, max_len=algo.loss.max_len)
+            loss = loss + kl_loss
+            metrics["kl_loss"] = kl_loss.detach()
         if self.critic is not None:  # separate parameters and lr group, so no value-loss coefficient is needed
             values = self.critic.values(**micro.model_inputs())
             value_loss_, value_metrics = value_loss(values, micro.values, micro.returns, mask, clip=algo.value_clip,
-                                                    aggregation=algo.loss.aggregation, max_len=algo.loss.max_len)
+                                                    **agg)
             loss = loss + value_loss_
             metrics = {**metrics, **value_metrics, "value_loss": value_loss_.detach()}
-        entropy_mean = aggregate(entropy.detach(), mask, "token-mean")
         if algo.entropy_coef:
-            loss = loss - algo.entropy_coef * aggregate(entropy, mask, **agg)
-        token_mean = algo.loss.aggregation == "token-mean"
-        own = mask.sum() if token_mean else torch.tensor(float(len(micro)), device=mask.device)
-        share = own * data_parallel().size / normaliser  # DDP and DeepSpeed average gradients over the ranks
-        metrics = {**metrics, "policy_loss": loss.detach(), "entropy": entropy_mean}
+            entropy_loss = entropy_bonus(entropy, mask, coef=algo.entropy_coef, **agg)
+            loss = loss + entropy_loss
+            metrics["entropy_loss"] = entropy_loss.detach()
+        metrics = {**metrics, "loss": loss.detach(), "entropy": aggregate(entropy.detach(), mask, "token-mean")}
+        # DDP and DeepSpeed average gradients over the ranks, hence the world size
+        share = micro_batch_share(mask, normaliser, algo.loss.aggregation) * data_parallel().size
         return loss * share, metrics
 
-    def _log_step(self, exp, scores, history, clip, kl, dropped, seconds, optimizer_steps) -> None:  # noqa: ANN001
-        """Log the step's metrics over the global batch: every rank contributes its sums and counts."""
-        mask = exp.response_mask
+    def _log_step(self, exp: Experience, rollout: Rollout, history: list[dict[str, Tensor]], clip: dict[str, Tensor],
+                  kl: Tensor, seconds: float, optimizer_steps: int) -> None:
+        """Log the step's metrics over the global batch: every rank contributes its sums and counts. Rewards are over
+        every sample generated (with dynamic sampling, dropped groups too: the curve is not biased towards the kept
+        ones); the other rollout and train metrics are over the samples trained on."""
+        mask = exp.response_mask  # the tokens that get gradient (without truncated rows under mask_truncated)
         tokens, rows = float(mask.sum()), float(len(exp))
+        generated = float(exp.attention_mask[:, -exp.response_len:].sum())  # every sampled token
+        scores = rollout.generated
         means = {
-            "train/reward/total": (sum(scores.total), rows),
+            "train/reward/total": (sum(scores.total), float(len(scores.total))),
             "train/advantage_abs_mean": (float((exp.advantages.abs() * mask).sum()), tokens),
-            "rollout/response_len_mean": (tokens, rows),
+            "rollout/response_len_mean": (generated, rows),
             "rollout/truncated_frac": (float(exp.truncated.float().sum()), rows),
             "rollout/logprob_gap": (float(((exp.rollout_logprobs - exp.old_logprobs).abs() * mask).sum()), tokens),
             **{f"train/{k}": (float(v), 1.0) for k, v in clip.items()},
@@ -384,9 +477,13 @@ class RLModule(L.LightningModule):
             means[f"train/reward/{name}"] = (sum(kept), float(len(kept)))
         for name in history[0] if history else []:
             means[f"train/{name}"] = (float(sum(m[name] for m in history)), float(len(history)))
-        sums = {"rollout/dropped_groups": float(dropped), "train/samples": rows,
-                **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()}}
-        logs = global_stats(means, sums, {"train/step_time": seconds})
+        sums = {"train/samples": rows, **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()}}
+        if self.algorithm.dynamic_sampling.enabled:
+            kept_groups = rows / self.sampling.n
+            sums.update({"rollout/generated_groups": float(rollout.generated_groups),
+                         "rollout/kept_groups": kept_groups,
+                         "rollout/dropped_groups": rollout.generated_groups - kept_groups})
+        logs = global_stats(means, sums, {"train/step_time": seconds, "rollout/generation_rounds": rollout.rounds})
         logs.update({"train/kl": float(kl), "train/kl_coef": float(self.kl_controller.coef),
                      "train/optimizer_steps": float(optimizer_steps)})
         self.log_dict(logs, batch_size=len(exp))

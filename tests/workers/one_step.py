@@ -22,7 +22,7 @@ from lmmr1.callbacks.weight_sync import policy_weights
 from lmmr1.distributed import DeepSpeedStrategy, data_parallel
 from lmmr1.modules.algorithm_config import AlgorithmConfig
 from lmmr1.modules.policy import Policy
-from lmmr1.modules.rl_module import RLModule
+from lmmr1.modules.rl_module import RLModule, Rollout
 from lmmr1.rollout.base import SamplingConfig
 
 
@@ -37,12 +37,14 @@ def run(model: str, experience: str, out: str, strategy: str | L.pytorch.strateg
                                                 grad_clip={"mode": "adaptive", "max_norm": 0.05}),
                       optimizer=lambda groups: torch.optim.SGD(groups, lr=0.5))
 
-    def fixed_rollout(batch: object) -> tuple:
+    def fixed_rollout(batch: object) -> Rollout:
         dp = data_parallel()
         share = len(exp) // dp.size
         rows = list(range(dp.rank * share, (dp.rank + 1) * share))
         picked = type(scores)([scores.total[i] for i in rows], {}, {})
-        return exp.select(rows).to(module.device), picked, 0
+        mine = exp.select(rows).to(module.device)
+        return Rollout(mine, picked, picked, generated_groups=share // exp.group_size, rounds=1,
+                       first_row=mine.select([0]))
 
     module._rollout = fixed_rollout
     if strategy.startswith("deepspeed_stage_"):  # a batch size for DeepSpeed's logging: this loader has none

@@ -4,7 +4,7 @@
     KL_ESTIMATORS         k1, k2, k3 + Fixed/Adaptive KL coefficient controllers             (kl.py)
     POLICY_LOSSES         ppo (clip-higher, dual-clip), gspo; value_loss; entropy_bonus      (policy_losses.py)
     LOSS_AGGREGATIONS     token-mean, seq-mean-token-mean, seq-mean-token-sum, -sum-norm      (aggregation.py)
-    filter_groups         DAPO dynamic sampling                                               (dynamic_sampling.py)
+    filter_groups, first_in_stream  DAPO dynamic sampling                                         (dynamic_sampling.py)
     overlong_penalty      DAPO soft overlong punishment                                       (overlong.py)
     truncated_importance_weights  TIS for the rollout/training log-prob mismatch             (importance.py)
 
@@ -13,8 +13,14 @@ functions compute, and each one is tested against a slow reference loop (tests/t
 """
 
 from lmmr1.modules.algorithms.advantages import GROUP_ESTIMATORS, discounted_returns
-from lmmr1.modules.algorithms.aggregation import aggregate, masked_mean, masked_whiten, micro_batch_share
-from lmmr1.modules.algorithms.dynamic_sampling import filter_groups
+from lmmr1.modules.algorithms.aggregation import (
+    aggregate,
+    loss_units,
+    masked_mean,
+    masked_whiten,
+    micro_batch_share,
+)
+from lmmr1.modules.algorithms.dynamic_sampling import filter_groups, first_in_stream
 from lmmr1.modules.algorithms.importance import truncated_importance_weights
 from lmmr1.modules.algorithms.kl import AdaptiveKLController, FixedKLController, build_kl_controller
 from lmmr1.modules.algorithms.overlong import overlong_penalty
@@ -42,8 +48,10 @@ __all__ = [
     "discounted_returns",
     "entropy_bonus",
     "filter_groups",
+    "first_in_stream",
     "masked_mean",
     "masked_whiten",
+    "loss_units",
     "micro_batch_share",
     "overlong_penalty",
     "value_loss",

@@ -89,13 +89,19 @@ def aggregate(x: Tensor, mask: Tensor, mode: str, *, max_len: int | None = None)
     return LOSS_AGGREGATIONS[mode](x, mask, max_len=max_len)
 
 
-def micro_batch_share(micro_mask: Tensor, full_mask: Tensor, mode: str) -> Tensor:
-    """Weight of one micro-batch's aggregated loss so that the weighted sum over micro-batches equals the full-batch
-    loss exactly (token share for token-mean, row share for the seq-mean modes). 0-dim tensor."""
+def loss_units(mask: Tensor, mode: str) -> Tensor:
+    """What a batch contributes to its aggregation's normaliser: valid tokens for token-mean, rows for the seq-mean
+    modes (rows with no valid token included). 0-dim float tensor."""
     LOSS_AGGREGATIONS[mode]  # unknown modes fail here, with the list of choices
     if mode == "token-mean":
-        return micro_mask.bool().sum() / full_mask.bool().sum().clamp(min=1)
-    return torch.tensor(micro_mask.shape[0] / full_mask.shape[0], device=micro_mask.device)
+        return mask.bool().sum().float()
+    return torch.tensor(float(mask.shape[0]), device=mask.device)
+
+
+def micro_batch_share(micro_mask: Tensor, total_units: Tensor, mode: str) -> Tensor:
+    """Weight of one micro-batch's aggregated loss so that the weighted sum over micro-batches equals the full-batch
+    loss exactly: its `loss_units` over those of the whole batch (`total_units`, e.g. summed over ranks). 0-dim."""
+    return loss_units(micro_mask, mode) / total_units.clamp(min=1)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
