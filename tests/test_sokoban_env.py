@@ -4,7 +4,6 @@ BFS built only on `play`), rendering and reverse-play generation."""
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -136,16 +135,14 @@ def test_solve_edge_cases():
     assert solve(hard, max_states=10) is None  # the budget is honoured
 
 
-def test_solve_10x10_three_boxes_fast():
+def test_solve_10x10_three_boxes_within_a_state_budget():
+    """Dead-cell pruning keeps 10x10 three-box levels small: each is solved within 40,000 stored states (today's
+    solver needs 227 to 31,316 on these five), counted by the solver's own budget, not the wall clock."""
     rng = random.Random(123)
-    worst = 0.0
     for _ in range(5):
         level = generate_level(rng, 10, 10, 3)
-        start = time.perf_counter()
-        plan = solve(level)
-        worst = max(worst, time.perf_counter() - start)
+        plan = solve(level, max_states=40_000)
         assert plan is not None and play(level, plan).solved
-    assert worst < 1.0, f"slowest 10x10 3-box solve took {worst:.2f}s"
 
 
 @pytest.mark.parametrize(("height", "width", "boxes"), [(6, 6, 1), (8, 7, 2), (10, 10, 3)])
