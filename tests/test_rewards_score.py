@@ -75,8 +75,9 @@ def test_bad_rows_are_all_reported_with_file_row_field(tmp_path, capsys):
     ]) + "\n")
     assert main(["--reward", "math", "--input", str(src), "--output", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
-    for expected in [f"{src}:2: response: missing", f"{src}:3: not valid JSON", f"{src}:4: response: not a string",
-                     f"{src}:4: answer: not a string", f"{src}:5: env_path: file", f"{src}:6: message: not valid JSON"]:
+    for expected in [f"{src}: 5 of 6 rows are bad (--on-bad-row skip leaves them out):", f"{src}:2: response: missing",
+                     f"{src}:3: bad JSON", f"{src}:4: response: not a string", f"{src}:4: answer: not a string",
+                     f"{src}:5: env_path: cannot read", f"{src}:6: message: not valid JSON"]:
         assert expected in err
     assert f"{src}:1:" not in err
     assert not (tmp_path / "o.jsonl").exists()
@@ -103,3 +104,67 @@ def test_every_builtin_is_selectable(tmp_path, name):
     src = write_jsonl(tmp_path / "in.jsonl", [{"response": GOOD.format("R"), "answer": "R", "env": CORRIDOR}])
     assert main(["--reward", name, "--input", src, "--output", str(tmp_path / "o.jsonl")]) == 0
     assert read_jsonl(tmp_path / "o.jsonl")[0]["reward"] >= 1.0
+
+
+def test_rows_without_label_fail_the_file_by_default_and_are_skipped_and_counted_on_request(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"response": GOOD.format("1"), "answer": "1"},
+                                              {"response": GOOD.format("2")},  # no label: accuracy cannot score it
+                                              {"response": GOOD.format("3"), "answer": "3"},
+                                              {"response": GOOD.format("4"), "answer": None}])  # null label = none
+    with open(src, "a") as f:
+        f.write("{broken\n")
+    out_file = tmp_path / "o.jsonl"
+    assert main(["--reward", "math", "--input", src, "--output", str(out_file)]) == 2  # the default: error
+    err = capsys.readouterr().err
+    # every bad row named, the reward's and the reader's alike
+    assert f"{src}: 3 of 5 rows are bad (--on-bad-row skip leaves them out):" in err
+    for row in (2, 4):
+        assert f"{src}:{row}: 'answer' is missing or empty; the accuracy reward needs a label" in err
+    assert f"{src}:5: bad JSON" in err and not out_file.exists()
+
+    assert main(["--reward", "math", "--input", src, "--output", str(out_file), "--on-bad-row", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert f"lmmr1 score: {src}: skipped 3 of 5 rows (--on-bad-row skip):\n{src}:2: 'answer' is missing" in err
+    assert "scored 2 rows (3 bad rows skipped)" in err
+    assert [(r["answer"], r["reward"]) for r in read_jsonl(out_file)] == [("1", 1.5), ("3", 1.5)]
+
+
+def test_skip_with_nothing_left_is_an_error_and_parquet_nulls_are_absent_fields(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"response": "r"}])
+    assert main(["--reward", "accuracy", "--input", src, "--output", str(tmp_path / "o.jsonl"),
+                 "--on-bad-row", "skip"]) == 2
+    assert f"{src}: all 1 rows are bad; nothing to score" in capsys.readouterr().err
+    table = pa.table({"response": [GOOD.format("R"), GOOD.format("7")], "answer": [None, "7"],
+                      "env": [CORRIDOR, None], "datasource": ["sokoban", "arith"]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    (tmp_path / "r.yaml").write_text("routes: {sokoban: sokoban, '*': math}\n")
+    assert main(["--reward", str(tmp_path / "r.yaml"), "--input", str(tmp_path / "in.parquet"),
+                 "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert [r["rewards"] for r in read_jsonl(tmp_path / "o.jsonl")] == [{"format": 1.0, "solved": 1.0},
+                                                                        {"format": 1.0, "accuracy": 1.0}]
+
+
+def test_reward_problems_bisects_instead_of_checking_row_by_row():
+    from lmmr1.rewards.base import Reward
+    from lmmr1.rewards.score import reward_problems
+
+    class NeedsLabel(Reward):
+        calls = 0
+
+        def __call__(self, responses, rows):
+            raise NotImplementedError
+
+        def check_rows(self, rows):
+            type(self).calls += 1
+            for row in rows:
+                if "answer" not in row:
+                    raise ValueError(f"{row['_where']}: no label")
+
+    rows = [{"_where": f"f:{i}", **({} if i in (5, 40) else {"answer": "1"})} for i in range(64)]
+    assert reward_problems(NeedsLabel(), rows) == {5: "f:5: no label", 40: "f:40: no label"}
+    assert NeedsLabel.calls <= 1 + 2 * 2 * 6  # 2 bad rows, log2(64) = 6 levels, two halves checked per level
+    NeedsLabel.calls = 0
+    assert reward_problems(NeedsLabel(), rows[:5]) == {} and NeedsLabel.calls == 1

@@ -10,7 +10,7 @@ from lmmr1.rewards.build import BUILTINS, build_reward
 from lmmr1.rewards.composite import MathReward, RoutedReward, WeightedSum
 from lmmr1.rewards.format import FormatReward
 from lmmr1.rewards.plugin import PluginReward
-from lmmr1.rewards.remote import RemoteReward
+from lmmr1.rewards.remote import RemoteReward, RequestRefused, RewardServerError
 from lmmr1.rewards.sokoban import SokobanReward
 from lmmr1.rewards.verify_pool import VerifyPool
 
@@ -21,8 +21,10 @@ __all__ = [
     "MathReward",
     "PluginReward",
     "RemoteReward",
+    "RequestRefused",
     "Reward",
     "RewardOutput",
+    "RewardServerError",
     "RoutedReward",
     "SokobanReward",
     "VerifyPool",

@@ -3,8 +3,10 @@
 The prediction is the content of the last `<answer>…</answer>`; without an answer tag, the last `\\boxed{…}` in the
 response; with neither, the row scores 0 and is counted as `accuracy/answer_missing`. Multiple-choice labels (a single
 letter such as `B`, `(B)`, `$\\boxed{C}$`) are compared as letters here, since math-verify reads letters as symbols.
-Everything else goes to math-verify in `VerifyPool` workers with a hard per-item timeout; a timeout or crashed worker
-scores 0 and is counted (`accuracy/timeouts`), as is a label that does not parse (`accuracy/label_parse_failures`).
+Everything else goes to math-verify in `VerifyPool` workers with a hard per-item timeout; an item over it scores 0 and
+is counted (`accuracy/timeouts`), as is a label that does not parse (`accuracy/label_parse_failures`). A worker that
+dies (killed from outside, crashed) is replaced and counted (`accuracy/worker_deaths`); its item is verified again,
+and scores 0 only if it kills a second worker too (`accuracy/crashes`).
 
 >>> last_boxed("so \\\\boxed{1} or rather \\\\boxed{\\\\frac{1}{2}}.")
 '\\\\frac{1}{2}'
@@ -19,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmmr1.rewards.base import Reward, RewardOutput, check_lengths, tag_content, where
-from lmmr1.rewards.verify_pool import CRASH, LABEL_PARSE_FAILURE, TIMEOUT, VerifyPool
+from lmmr1.rewards.verify_pool import CRASH, LABEL_PARSE_FAILURE, TIMEOUT, PoolRun, VerifyPool
 
 _WRAPPERS = re.compile(r"^\\(?:boxed|text|textbf|mathrm|mathbf)\{(.*)\}$", re.DOTALL)
 _LABEL_LETTER = re.compile(r"^\(?([A-J])\)?\.?$")
@@ -81,7 +83,8 @@ class AccuracyReward(Reward):
     def __call__(self, responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> RewardOutput:
         check_lengths(responses, rows)
         scores = [0.0] * len(responses)
-        stats = {"accuracy/timeouts": 0.0, "accuracy/label_parse_failures": 0.0, "accuracy/answer_missing": 0.0}
+        stats = {"accuracy/timeouts": 0.0, "accuracy/label_parse_failures": 0.0, "accuracy/answer_missing": 0.0,
+                 "accuracy/crashes": 0.0, "accuracy/worker_deaths": 0.0}
         jobs, job_rows = [], []
         for i, (response, row) in enumerate(zip(responses, rows, strict=True)):
             label = str(row.get(self.label_key) or "")
@@ -95,12 +98,14 @@ class AccuracyReward(Reward):
             else:
                 jobs.append((label, prediction))
                 job_rows.append(i)
-        for i, (score, status) in zip(job_rows, self.pool.map(jobs) if jobs else [], strict=True):
+        run = self.pool.run(jobs) if jobs else PoolRun([], [], 0)
+        stats["accuracy/worker_deaths"] = float(run.worker_deaths)
+        counters = {TIMEOUT: "accuracy/timeouts", CRASH: "accuracy/crashes",
+                    LABEL_PARSE_FAILURE: "accuracy/label_parse_failures"}
+        for i, (score, status) in zip(job_rows, run.results, strict=True):
             scores[i] = score
-            if status in (TIMEOUT, CRASH):
-                stats["accuracy/timeouts"] += 1
-            elif status == LABEL_PARSE_FAILURE:
-                stats["accuracy/label_parse_failures"] += 1
+            if status in counters:
+                stats[counters[status]] += 1
         return RewardOutput(total=list(scores), components={self.name: scores}, stats=stats)
 
     def close(self) -> None:

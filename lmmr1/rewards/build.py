@@ -12,8 +12,9 @@ Accepted specs:
   A route lists names (built-ins are expanded into the components `format`, `accuracy`, `solved`, each used once) or
   plug-ins. A component's weight is `weights[name]`, else its default (format 0.5, accuracy 1.0, solved 1.0, plug-ins
   1.0); `options[name]` are constructor arguments of that component's class. Without routes, `{"reward": <name or list>,
-  "weights": ..., "options": ...}` builds one weighted sum. `{"url": ..., "timeout": ..., "retries": ...}` builds the
-  remote client, and `{"class_path": ..., "init_args": {...}}` any Reward class;
+  "weights": ..., "options": ...}` builds one weighted sum. `{"url": ..., "timeout": ..., "retries": ..., "backoff":
+  ..., "token": ...}` builds the remote client (better than `token`: the LMMR1_REWARD_TOKEN environment variable), and
+  `{"class_path": ..., "init_args": {...}}` any Reward class;
 - a Reward object, returned as is.
 
 >>> build_reward({"reward": "math", "weights": {"format": 0.2}}).weights
@@ -39,8 +40,8 @@ COMPONENTS: dict[str, type[Reward]] = {"format": FormatReward, "accuracy": Accur
 DEFAULT_WEIGHTS = {"format": 0.5, "accuracy": 1.0, "solved": 1.0}
 PRESETS = {"math": ["format", "accuracy"], "sokoban": ["format", "solved"]}
 BUILTINS = ["format", "accuracy", "math", "sokoban"]
-_MAPPING_KEYS = {"routes", "weights", "options", "key", "reward", "url", "timeout", "retries", "backoff", "class_path",
-                 "init_args"}
+_MAPPING_KEYS = {"routes", "weights", "options", "key", "reward", "url", "timeout", "retries", "backoff", "token",
+                 "class_path", "init_args"}
 
 
 def _choices() -> str:
@@ -105,7 +106,7 @@ def _from_mapping(spec: Mapping[str, Any], base_dir: str) -> Reward:
             raise ValueError(f"class_path: {spec['class_path']!r} is not a Reward class")
         return cls(**(spec.get("init_args") or {}))
     if "url" in spec:
-        extra = {k: spec[k] for k in ("timeout", "retries", "backoff") if k in spec}
+        extra = {k: spec[k] for k in ("timeout", "retries", "backoff", "token") if k in spec}
         return RemoteReward(str(spec["url"]), **extra)
     builder = _Builder(spec.get("weights"), spec.get("options"), base_dir)
     if "routes" in spec:

@@ -1,12 +1,15 @@
 """`lmmr1 score`: score a file of responses offline with any reward.
 
     lmmr1 score --reward math --input rows.jsonl --output scored.jsonl
-    lmmr1 score --reward configs/rewards/mixed.yaml --input rows.jsonl --output scored.jsonl
+    lmmr1 score --reward configs/rewards/mixed.yaml --input rows.jsonl --output scored.jsonl --on-bad-row skip
 
-Each input row (JSONL, or a JSON list) holds `response` plus the data fields the reward needs: `answer`, `datasource`,
-`env` or `env_path` (relative to the input file's folder), `message` (a list or a JSON string). Each row is written
-back unchanged plus `reward` (the total) and `rewards` (the components that apply). Bad rows are reported as
-`file:row: field: what is wrong`, all at once, and nothing is written.
+Each input row (JSONL, a JSON list, or Parquet; read like data files, `lmmr1.data.records`) holds `response` plus the
+data fields the reward needs: `answer`, `datasource`, `env` or `env_path` (relative to the input file's folder),
+`message` (a list or a JSON string); null counts as absent. Each row is written back unchanged plus `reward` (the
+total) and `rewards` (the components that apply). A row is bad when a field is malformed or the reward cannot score it
+(e.g. no `answer` for the accuracy reward). With `--on-bad-row error` (the default) every bad row is reported as
+`file:row: field: what is wrong`, all at once, and nothing is written; with `--on-bad-row skip` bad rows are left out
+of the output and counted, as the data loader does (`data.on_bad_row`).
 """
 
 from __future__ import annotations
@@ -16,83 +19,108 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from lmmr1.data.records import DataError, _read_rows  # one reader and one bad-row report for data and scored files
 from lmmr1.rewards.base import Reward, RewardOutput
+from lmmr1.rewards.remote import RequestRefused, RewardServerError
+
+ON_BAD_ROW = ("error", "skip")
+_OPTIONAL = ("answer", "datasource", "env", "env_path", "message")  # null = absent (Parquet stores absent as null)
 
 
-def _read(path: str) -> list[Any]:
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of rows")
-            return data
-        rows = []
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                rows.append((n, ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})")))
-        return rows
+def _scoring_row(item: Any, at: str, folder: str) -> tuple[dict[str, Any], list[str]]:
+    """The row as the reward sees it (`_where`, decoded `message`, `env` read from `env_path`) and its problems."""
+    if not isinstance(item, dict):
+        return {}, ["row is not a JSON object"]
+    row = {k: v for k, v in item.items() if not (k in _OPTIONAL and v is None)}
+    row["_where"], problems = at, []
+    if not isinstance(row.get("response"), str):
+        problems.append("response: missing" if row.get("response") is None else "response: not a string")
+    for key in ("datasource", "env"):
+        if key in row and not isinstance(row[key], str):
+            problems.append(f"{key}: not a string")
+    if "answer" in row:
+        if isinstance(row["answer"], int | float) and not isinstance(row["answer"], bool):
+            row["answer"] = str(row["answer"])
+        elif not isinstance(row["answer"], str):
+            problems.append("answer: not a string")
+    if isinstance(row.get("message"), str):
+        try:
+            row["message"] = json.loads(row["message"])
+        except (RecursionError, ValueError) as e:  # JSONDecodeError, or an integer beyond the int/str digit limit
+            problems.append(f"message: not valid JSON ({getattr(e, 'msg', None) or 'nested too deeply or too long'})")
+    if "env_path" in row and "env" not in row:
+        env_file = os.path.join(folder, str(row["env_path"]))
+        try:
+            with open(env_file, encoding="utf-8") as f:
+                row["env"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"env_path: cannot read {env_file}: {getattr(e, 'strerror', None) or e}")
+    return row, problems
 
 
-def load_rows(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(original rows, scoring rows) from `path`; scoring rows carry `_where`, a decoded `message` and `env` read
-    from `env_path`. Raises ValueError listing every bad row as `file:row: field: problem`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: input file does not exist")
-    raw = _read(path)
-    numbered = raw if raw and isinstance(raw[0], tuple) else list(enumerate(raw, start=1))
+def reward_problems(reward: Reward, rows: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """{index: problem} for each row `reward.check_rows` rejects. check_rows names only the first bad row, so a
+    rejected batch is bisected: k bad rows among n cost about 2·k·log2(n) checks, and one check when none is bad."""
+    try:
+        reward.check_rows(rows)
+        return {}
+    except RequestRefused:  # a wrong token or size limit is not a row's problem: it fails the whole run
+        raise
+    except ValueError as e:
+        if len(rows) == 1:
+            return {0: str(e)}
+    half = len(rows) // 2
+    found = reward_problems(reward, rows[:half])
+    found.update({half + i: p for i, p in reward_problems(reward, rows[half:]).items()})
+    return found
+
+
+@dataclass
+class ScoringInput:
+    """The good rows of an input file, and what was wrong with the others."""
+
+    originals: list[dict[str, Any]]  # rows as read, written back with the scores
+    rows: list[dict[str, Any]]  # the same rows as the reward sees them
+    problems: list[str]  # `file:row: field: problem`, one per entry
+    bad: int  # rows left out
+    total: int  # rows in the file
+
+
+def load_rows(path: str, reward: Reward | None = None, on_bad_row: str = "error") -> ScoringInput:
+    """The rows of `path` to score. A row is bad when a field is malformed or `reward` (if given) rejects it in
+    `check_rows`. With on_bad_row="error" any bad row raises DataError listing each problem as `file:row: field:
+    problem` (the data loader's report); with "skip" bad rows are left out and their problems returned."""
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"--on-bad-row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
     folder = os.path.dirname(os.path.abspath(path))
-    originals, rows, errors = [], [], []
-    for n, item in numbered:
+    entries = []  # (original, scoring row, problems)
+    for n, item, error in _read_rows(Path(path)):
         at = f"{path}:{n}"
-        if isinstance(item, Exception):
-            errors.append(str(item))
-            continue
-        if not isinstance(item, dict):
-            errors.append(f"{at}: row is not a JSON object")
-            continue
-        row, problems = dict(item, _where=at), []
-        if not isinstance(row.get("response"), str):
-            problems.append("response: missing" if "response" not in row else "response: not a string")
-        for key in ("datasource", "env"):
-            if key in row and not isinstance(row[key], str):
-                problems.append(f"{key}: not a string")
-        if "answer" in row:
-            if isinstance(row["answer"], int | float) and not isinstance(row["answer"], bool):
-                row["answer"] = str(row["answer"])
-            elif not isinstance(row["answer"], str):
-                problems.append("answer: not a string")
-        if isinstance(row.get("message"), str):
-            try:
-                row["message"] = json.loads(row["message"])
-            except json.JSONDecodeError as e:
-                problems.append(f"message: not valid JSON ({e.msg})")
-        if "env_path" in row and "env" not in row:
-            env_file = os.path.join(folder, str(row["env_path"]))
-            if os.path.isfile(env_file):
-                with open(env_file, encoding="utf-8") as f:
-                    row["env"] = f.read()
-            else:
-                problems.append(f"env_path: file {env_file} does not exist")
-        errors.extend(f"{at}: {p}" for p in problems)
-        originals.append(item)
-        rows.append(row)
-    if errors:
-        raise ValueError("\n".join(errors))
-    return originals, rows
+        row, problems = ({}, [error]) if error is not None else _scoring_row(item, at, folder)
+        entries.append((item, row, [f"{at}: {p}" for p in problems]))
+    if reward is not None:
+        good = [e for e in entries if not e[2]]
+        for i, problem in reward_problems(reward, [row for _, row, _ in good]).items():
+            good[i][2].append(problem)  # check_rows messages start with the row's `_where` (file:row) already
+    problems = [p for _, _, row_problems in entries for p in row_problems]
+    kept = [e for e in entries if not e[2]]
+    bad = len(entries) - len(kept)
+    if bad and on_bad_row == "error":
+        raise DataError(problems, header=f"{path}: {bad} of {len(entries)} rows are bad (--on-bad-row skip leaves them "
+                                         f"out):")
+    return ScoringInput([e[0] for e in kept], [e[1] for e in kept], problems, bad, len(entries))
 
 
-def score_rows(reward: Reward, rows: list[dict[str, Any]], batch_size: int = 256) -> RewardOutput:
-    """Check then score `rows` (each holding `response`) in batches; one RewardOutput for all of them."""
-    reward.check_rows(rows)
+def score_rows(reward: Reward, rows: list[dict[str, Any]], batch_size: int = 256, check: bool = True) -> RewardOutput:
+    """Check (unless `check` is False: `load_rows` did) then score `rows` (each holding `response`) in batches; one
+    RewardOutput for all of them."""
+    if check:
+        reward.check_rows(rows)
     total: list[float] = []
     components: dict[str, list[float]] = {}
     stats: dict[str, float] = {}
@@ -117,28 +145,37 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", required=True, help="built-in name (format, accuracy, math, sokoban), plug-in "
                                                         "file.py:fn or package.module:fn, YAML config, or server URL")
-    parser.add_argument("--input", required=True, help="JSONL (or .json list) rows holding `response`")
+    parser.add_argument("--input", required=True, help="JSONL, .json list or .parquet rows holding `response`")
     parser.add_argument("--output", required=True, help="JSONL file to write")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--on-bad-row", choices=ON_BAD_ROW, default="error",
+                        help="error: report every bad row and write nothing (default); skip: leave bad rows out of "
+                             "the output and report how many and why")
     args = parser.parse_args(argv)
     reward = None
     try:
-        originals, rows = load_rows(args.input)
         reward = build_reward(args.reward)
-        out = score_rows(reward, rows, args.batch_size)
-    except ValueError as e:
+        data = load_rows(args.input, reward, args.on_bad_row)
+        if data.bad:  # --on-bad-row skip
+            header = f"{args.input}: skipped {data.bad} of {data.total} rows (--on-bad-row skip):"
+            print(f"lmmr1 score: {DataError(data.problems, header)}", file=sys.stderr)
+            if not data.rows:
+                raise ValueError(f"{args.input}: all {data.total} rows are bad; nothing to score")
+        out = score_rows(reward, data.rows, args.batch_size, check=False)
+    except (ValueError, RewardServerError) as e:  # bad rows, config, a reward server that is gone: no traceback
         print(f"lmmr1 score: error:\n{e}", file=sys.stderr)
         return 2
     finally:
         if reward is not None:
             reward.close()
     with open(args.output, "w", encoding="utf-8") as f:
-        for i, original in enumerate(originals):
+        for i, original in enumerate(data.originals):
             total = out.total[i]
             record = {**original, "reward": None if math.isnan(total) else total, "rewards": out.row(i)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     means = ", ".join(f"{k}={v:.4f}" for k, v in out.component_means().items())
     mean_total = sum(out.total) / len(out.total) if out.total else math.nan
-    print(f"scored {len(originals)} rows -> {args.output}: reward={mean_total:.4f} {means} {out.stats}",
+    skipped = f" ({data.bad} bad rows skipped)" if data.bad else ""
+    print(f"scored {len(data.rows)} rows{skipped} -> {args.output}: reward={mean_total:.4f} {means} {out.stats}",
           file=sys.stderr)
     return 0

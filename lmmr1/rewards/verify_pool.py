@@ -3,9 +3,13 @@
 Why: math-verify times out with `signal.alarm`, which only works in the main thread, and some inputs (towers of
 exponents, thousands of nested brackets) spin in C code for minutes. Here each worker runs math-verify with its own
 timeouts disabled, fed through its own pipe; the parent waits with a deadline per item and kills + replaces a worker
-that overruns, so one pathological answer costs at most `timeout` seconds and scores 0. The pool starts lazily on first
-use, restarts after `close()`, pickles as its settings only, and `map` may be called from any thread (calls are
-serialized by a lock). `concurrent.futures.ProcessPoolExecutor` cannot kill one stuck worker, hence this small pool.
+that overruns, so one pathological answer costs at most `timeout` seconds and scores 0. A worker that dies on its own
+(killed by the OOM killer or by hand, crashed in C code) is replaced and counted, and the item it held is verified once
+more on the fresh worker, within what is left of the item's `timeout`: an outside kill must not score a right answer 0,
+while an item that kills its worker twice scores 0 (status `crash`) instead of killing workers forever. The pool
+starts lazily on first use, restarts after `close()`, pickles as its settings only, and `map`/`run` may be called from
+any thread (calls are serialized by a lock). `concurrent.futures.ProcessPoolExecutor` cannot kill one stuck worker,
+hence this small pool.
 
 >>> verify_item("$\\\\boxed{60}$", "60.0")
 (1.0, 'ok')
@@ -22,9 +26,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 OK, LABEL_PARSE_FAILURE, TIMEOUT, CRASH = "ok", "label_parse_failure", "timeout", "crash"
+MAX_TRIES = 2  # verifications of one item whose worker died under it; the last death scores it 0 with status CRASH
+MAX_STARTUP_KILLS = 3  # workers killed by a signal while starting that one call replaces before giving up
 _MATH_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
 
 
@@ -103,6 +110,15 @@ class _Worker:
         self.conn.close()
 
 
+@dataclass
+class PoolRun:
+    """What one `VerifyPool.run` call produced."""
+
+    results: list[tuple[float, str]]  # (score, status) per item, in order
+    latencies: list[float]  # seconds from an item's first dispatch to its result
+    worker_deaths: int  # workers that died without being asked (killed, crashed) and were replaced during the call
+
+
 def _shutdown(workers: list[_Worker]) -> None:
     for worker in workers:
         try:
@@ -152,8 +168,17 @@ class VerifyPool:
 
     def map(self, items: Sequence[tuple[str, str]]) -> list[tuple[float, str]]:
         """(score, status) per (label, prediction); status is ok, label_parse_failure, timeout or crash."""
+        return self.run(items).results
+
+    def run(self, items: Sequence[tuple[str, str]]) -> PoolRun:
+        """Like `map`, also reporting latencies and how many workers died during the call. If the call fails (a
+        worker cannot start), every worker is stopped, so the next call starts from a clean pool."""
         with self._lock:
-            return self._map(list(items))
+            try:
+                return self._run(list(items))
+            except BaseException:  # a half-finished call would leave workers holding its jobs
+                _shutdown(self._pool)
+                raise
 
     def _start_worker(self) -> _Worker:
         context = multiprocessing.get_context(self.start_method)
@@ -161,23 +186,40 @@ class VerifyPool:
             context.set_forkserver_preload(["math_verify", "sympy", __name__])
         return _Worker(context)
 
-    def _map(self, items: list[tuple[str, str]]) -> list[tuple[float, str]]:
+    def _run(self, items: list[tuple[str, str]]) -> PoolRun:
         while len(self._pool) < self.workers:
             self._pool.append(self._start_worker())
-        results: list[tuple[float, str] | None] = [None] * len(items)
-        sent, latencies = [0.0] * len(items), [0.0] * len(items)
-        pending, remaining = deque(range(len(items))), len(items)
+        n = len(items)
+        results: list[tuple[float, str] | None] = [None] * n
+        sent, deadline, latencies, tries = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+        pending, retry = deque(range(n)), deque()  # retry: items whose worker died under them, sent again first
+        remaining, deaths, startup_kills = n, 0, 0
+
+        def finish(job: int, result: tuple[float, str]) -> None:
+            nonlocal remaining
+            results[job], latencies[job], remaining = result, time.monotonic() - sent[job], remaining - 1
+
         while remaining:
-            now = time.monotonic()
+            for job in [j for j in retry if time.monotonic() >= deadline[j]]:  # no time left to verify it again
+                retry.remove(job)
+                finish(job, (0.0, CRASH))
             for worker in self._pool:
-                if worker.ready and worker.job is None and pending:
-                    worker.job = pending.popleft()
-                    worker.conn.send((worker.job, *items[worker.job]))
-                    sent[worker.job] = time.monotonic()
-                    worker.deadline = sent[worker.job] + self.timeout
+                if worker.ready and worker.job is None and (retry or pending):
+                    job = worker.job = (retry or pending).popleft()
+                    if not tries[job]:
+                        sent[job] = time.monotonic()
+                        deadline[job] = sent[job] + self.timeout  # retries included: an item never costs more
+                    tries[job] += 1
+                    worker.deadline = deadline[job]
+                    try:
+                        worker.conn.send((job, *items[job]))
+                    except OSError:  # died since its last answer; its sentinel fires below and the job goes again
+                        pass
             waits = [w.deadline if w.job is not None else w.started + self.startup_timeout
-                     for w in self._pool if w.job is not None or not w.ready]
-            budget = max(0.0, min(waits, default=now + 1.0) - time.monotonic())
+                     for w in self._pool if w.job is not None or not w.ready] + [deadline[j] for j in retry]
+            if not remaining:
+                break
+            budget = max(0.0, min(waits, default=time.monotonic() + 1.0) - time.monotonic())
             ready = set(wait([w.conn for w in self._pool] + [w.process.sentinel for w in self._pool], budget))
             for i, worker in enumerate(self._pool):
                 outcome = None
@@ -190,26 +232,37 @@ class VerifyPool:
                         if job_id == "ready":
                             worker.ready = True
                         else:
-                            results[job_id], worker.job, remaining = result, None, remaining - 1
-                            latencies[job_id] = time.monotonic() - sent[job_id]
+                            worker.job = None
+                            finish(job_id, result)
                         continue
                 elif worker.process.sentinel in ready:
                     outcome = CRASH
                 elif worker.job is not None and time.monotonic() > worker.deadline:
                     outcome = TIMEOUT
                 elif not worker.ready and time.monotonic() > worker.started + self.startup_timeout:
-                    worker.kill()
-                    raise RuntimeError(f"math-verify worker did not start within {self.startup_timeout:.0f} s")
+                    raise RuntimeError(f"math-verify worker did not start within {self.startup_timeout:.0f} s; is the "
+                                       f"machine overloaded? (VerifyPool startup_timeout)")
                 if outcome is None:
                     continue
-                if not worker.ready:  # died while importing: retrying would fail the same way
-                    worker.kill()
-                    raise RuntimeError(f"math-verify worker exited during start-up (exit code "
-                                       f"{worker.process.exitcode}); is math-verify installed in this environment?")
+                if outcome == CRASH:  # let a worker that is exiting by itself finish, so its exit code is its own
+                    worker.process.join(1)
+                worker.kill()  # reaps it, so exitcode is known
+                code = worker.process.exitcode
+                if outcome == CRASH and not worker.ready:
+                    startup_kills += 1
+                    if code is None or code >= 0:  # exited by itself while importing: a retry fails the same way
+                        raise RuntimeError(f"math-verify worker exited during start-up (exit code {code}); is "
+                                           f"math-verify installed in this environment?")
+                    if startup_kills > MAX_STARTUP_KILLS:
+                        raise RuntimeError(f"math-verify workers were killed by a signal while starting "
+                                           f"{startup_kills} times (last: signal {-code}); if the machine is out of "
+                                           f"memory, lower the accuracy reward's `workers`")
+                deaths += outcome == CRASH
                 if worker.job is not None:
-                    results[worker.job], remaining = (0.0, outcome), remaining - 1
-                    latencies[worker.job] = time.monotonic() - sent[worker.job]
-                worker.kill()
+                    if outcome == CRASH and tries[worker.job] < MAX_TRIES:  # maybe killed from outside: once more
+                        retry.append(worker.job)
+                    else:
+                        finish(worker.job, (0.0, outcome))
                 self._pool[i] = self._start_worker()
         self.last_latencies = latencies
-        return results  # type: ignore[return-value]
+        return PoolRun(results, latencies, deaths)  # type: ignore[arg-type]
