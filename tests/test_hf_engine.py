@@ -1,6 +1,11 @@
-"""HF engine: grouping, determinism, finish reasons, and engine log-probs equal the policy's training log-probs."""
+"""HF engine: grouping, determinism, finish reasons, and engine log-probs equal the policy's training log-probs;
+saved generation defaults of a model folder are ignored; padding (also when pad == eos) is never taken as sampled."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +101,84 @@ def test_vision_placeholder_tokens_are_never_sampled(setup, mixed_rows):
         with torch.no_grad():
             weight.copy_(saved)
     assert all(pad_id not in c.token_ids for group in out for c in group)
+
+
+def _variant(src: Path, dst: Path, tokenizer: dict | None = None, generation: dict | None = None) -> Path:
+    """A copy of a model folder (same weights) with entries of tokenizer_config.json / generation_config.json set."""
+    shutil.copytree(src, dst)
+    for name, changes in (("tokenizer_config.json", tokenizer), ("generation_config.json", generation)):
+        config = json.loads((dst / name).read_text())
+        (dst / name).write_text(json.dumps({**config, **(changes or {})}))
+    return dst
+
+
+def _text_engine(path: Path) -> tuple[PromptProcessor, HFEngine]:
+    proc = PromptProcessor(path)
+    engine = HFEngine()
+    engine.bind(Policy(str(path)), proc.tokenizer)
+    return proc, engine
+
+
+TEXT_ROWS = [{"message": [{"role": "user", "content": text}], "answer": "1"}
+             for text in ("What is 3 + 7?", "how many apples are left")]
+
+
+@pytest.fixture(scope="module")
+def with_and_without_saved_defaults(tiny_text_path, tmp_path_factory):
+    """Engines on two folders with the same weights, one whose generation_config.json sets penalties, truncation
+    and a forced minimum length."""
+    saved = {"top_k": 1, "top_p": 0.5, "temperature": 0.3, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1,
+             "min_new_tokens": 12, "do_sample": False}
+    proc, clean = _text_engine(tiny_text_path)
+    _, biased = _text_engine(_variant(tiny_text_path, tmp_path_factory.mktemp("saved") / "model", generation=saved))
+    return proc, clean, biased
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_saved_generation_defaults_of_the_model_folder_are_ignored(with_and_without_saved_defaults, temperature):
+    """Tokens and log-probs must come from one distribution: the raw logits (temperature-scaled) the log-probs are
+    computed from. A folder's saved generation defaults must not reshape what is sampled, so the same seed samples
+    the same tokens, with the same log-probs, as from a folder without them."""
+    proc, clean, biased = with_and_without_saved_defaults
+    batch = proc(TEXT_ROWS)
+    sampling = SamplingConfig(n=4, temperature=temperature, max_new_tokens=12)
+    for seed in (0, 1):
+        expected = [[(c.token_ids, c.logprobs) for c in g] for g in clean.generate(batch, sampling, seed=seed)]
+        got = [[(c.token_ids, c.logprobs) for c in g] for g in biased.generate(batch, sampling, seed=seed)]
+        assert got == expected
+
+
+def _unique_stop(tokenizer, samples: list) -> tuple[str, int, int]:  # noqa: ANN001
+    """(stop string, sample, tokens up to and including the one completing it): three letters/digits found in one
+    sample only, completed after its first token (no whitespace: cannot match across the prompt's end)."""
+    texts = [c.text for c in samples]
+    for row, sample in enumerate(samples):
+        for i in range(len(sample.text) - 3):
+            stop = sample.text[i : i + 3]
+            if not stop.isalnum() or sum(stop in t for t in texts) > 1:
+                continue
+            cut = next(k for k in range(1, len(sample.token_ids) + 1)
+                       if stop in tokenizer.decode(sample.token_ids[:k], skip_special_tokens=True))
+            if cut > 1:
+                return stop, row, cut
+    raise AssertionError("no stop string found")
+
+
+def test_a_row_stopped_by_a_stop_string_keeps_no_padding_when_pad_is_eos(tiny_text_path, tmp_path):
+    """The mini model's tokenizer pads with its eos token <|im_end|>. When one row stops on a stop string while
+    others go on, generate pads it with pad == eos; that padding must not be taken as a sampled eos (one token too
+    many, a log-prob of a token never sampled)."""
+    proc, engine = _text_engine(_variant(tiny_text_path, tmp_path / "pad-eos", tokenizer={"pad_token": "<|im_end|>"}))
+    assert proc.tokenizer.pad_token_id == proc.tokenizer.eos_token_id
+    batch = proc(TEXT_ROWS[:1])
+    free = engine.generate(batch, SamplingConfig(n=4, max_new_tokens=16), seed=0)[0]
+    stop, row, cut = _unique_stop(proc.tokenizer, free)
+    assert cut < max(len(c.token_ids) for c in free)  # the others go on: the stopped row gets padded
+    stopped = engine.generate(batch, SamplingConfig(n=4, max_new_tokens=16, stop=[stop]), seed=0)[0]
+    for r, (before, after) in enumerate(zip(free, stopped)):
+        if r == row:
+            assert after.token_ids == before.token_ids[:cut] and after.finish_reason == "stop"
+            assert after.logprobs == pytest.approx(before.logprobs[:cut], abs=1e-5)
+            assert stop in after.text
+        else:
+            assert (after.token_ids, after.finish_reason) == (before.token_ids, before.finish_reason)

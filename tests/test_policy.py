@@ -1,4 +1,5 @@
-"""Policy: chunked log-probs equal the naive full-logits computation (values and gradients); freeze by prefix."""
+"""Policy: chunked log-probs equal the naive full-logits computation (values and gradients); freeze by prefix; LoRA
+weights for a rollout engine are merged into copies."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from lmmr1.data.processor import PromptProcessor
 from lmmr1.modules.critic import Critic
-from lmmr1.modules.policy import Policy
+from lmmr1.modules.policy import LoraSettings, Policy
 
 
 def _naive(policy: Policy, inputs: dict, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +65,33 @@ def test_critic_values_shape_and_own_parameters(tiny_vl_path):
     values.sum().backward()
     assert critic.value_head.weight.grad is not None and critic.value_head.weight.grad.abs().sum() > 0
     assert critic.param_group()["lr"] == 1e-3
+
+
+def test_lora_sync_merges_into_copies_and_leaves_the_base_weights_bitwise_unchanged(tiny_text_path):
+    """In bf16 (W + delta) - delta != W: merging into the live model and back would move the frozen base weights on
+    every sync. The synced weight is W + (B @ A) * alpha / r, summed in float32 and rounded to bf16 once."""
+    policy = Policy(str(tiny_text_path), dtype="bfloat16", lora=LoraSettings(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # peft starts B at zero: merging would change nothing
+    before = {name: param.detach().clone() for name, param in policy.model.named_parameters()}
+    synced = [policy.weights_for_sync() for _ in range(3)]
+    for name, param in policy.model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} moved"
+    layers = [name for name, module in policy.model.named_modules() if hasattr(module, "lora_A")]
+    assert len(layers) == 8  # q/k/v/o of 2 layers
+    for name in layers:
+        weight, a, b = (before[f"{name}.{part}.weight"] for part in ("base_layer", "lora_A.default", "lora_B.default"))
+        expected = (weight.float() + (b.float() @ a.float()) * (8 / 4)).to(torch.bfloat16)
+        assert not torch.equal(expected, weight)  # the delta shows in bf16
+        for sent in synced:
+            assert sent[f"{name}.weight"].dtype == torch.bfloat16
+            assert torch.equal(sent[f"{name}.weight"], expected), name
+    plain = {name.replace(".base_layer", ""): param for name, param in before.items() if "lora_" not in name}
+    for sent in synced:
+        assert not any("lora_" in key or "base_layer" in key for key in sent)
+        assert "lm_head.weight" in sent  # tied head: vLLM loads it under this name
+        for key, tensor in plain.items():
+            if key.removesuffix(".weight") not in layers:
+                assert torch.equal(sent[key], tensor), key

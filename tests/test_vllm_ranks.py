@@ -4,9 +4,11 @@ stand-in `vllm` module (what it starts, and how the ranks of one tensor-parallel
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import types
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -69,9 +71,14 @@ class FakeLLM:
     """Records its arguments; `generate` answers each request with its own first prompt token and records them."""
 
     created: list[dict] = []
+    live: weakref.WeakSet = weakref.WeakSet()  # instances not yet garbage-collected
+    live_at_start: list[int] = []  # how many other engines were alive while each one started
 
     def __init__(self, **kwargs) -> None:
+        gc.collect()
         FakeLLM.created.append(kwargs)
+        FakeLLM.live_at_start.append(len(FakeLLM.live))
+        FakeLLM.live.add(self)
         self.requests: list[dict] = []
 
     def generate(self, requests, params, use_tqdm=False):
@@ -91,7 +98,7 @@ class FakeSamplingParams:
 @pytest.fixture
 def rank_1_of_2(monkeypatch):
     """A stand-in vllm module, torch.distributed reporting rank 1 of 2, and none of the launcher variables set."""
-    FakeLLM.created = []
+    FakeLLM.created, FakeLLM.live_at_start = [], []
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", vllm)
@@ -165,3 +172,19 @@ def test_bind_refuses_a_tensor_parallel_size_the_world_cannot_hold_before_starti
     with pytest.raises(ValueError, match=r"--model\.engine\.tensor_parallel_size=4 must divide .* \(2\)"):
         bind(tiny_text_path, tensor_parallel_size=4)
     assert FakeLLM.created == [] and rank_1_of_2 == []
+
+
+def test_binding_again_reuses_the_engine_instead_of_starting_a_second_one(rank_1_of_2, tiny_text_path, tiny_vl_path):
+    """Lightning calls setup (and so bind) for fit, then again for validate/test: a second vllm.LLM beside the first
+    would hold a second copy of the weights and KV cache. The same model folder keeps its engine (and its process
+    groups: new_group is a collective); another folder replaces it, the old one released before the new one starts."""
+    engine, processor = bind(tiny_text_path, tensor_parallel_size=2)
+    first = engine.llm
+    engine.bind(SimpleNamespace(path=str(tiny_text_path)), processor.tokenizer)
+    assert FakeLLM.live_at_start == [0] and engine.llm is first
+    assert rank_1_of_2 == [([0, 1], "gloo")]
+    del first
+    engine.bind(SimpleNamespace(path=str(tiny_vl_path)), PromptProcessor(tiny_vl_path).tokenizer)
+    gc.collect()
+    assert [c["model"] for c in FakeLLM.created] == [str(tiny_text_path), str(tiny_vl_path)]
+    assert FakeLLM.live_at_start == [0, 0] and list(FakeLLM.live) == [engine.llm]

@@ -127,8 +127,10 @@ def gathered(monkeypatch):
     return chunks
 
 
-def test_zero3_stream_equals_the_merged_lora_state_dict(tiny_text_path, gathered):
-    policy = Policy(str(tiny_text_path), lora=LoraSettings(rank=4, alpha=8))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_zero3_stream_equals_the_merged_lora_state_dict(tiny_text_path, gathered, dtype):
+    """Bitwise: both paths merge with one rounding to the weight dtype (bf16 would show a rounded delta)."""
+    policy = Policy(str(tiny_text_path), dtype=dtype, lora=LoraSettings(rank=4, alpha=8))
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
@@ -140,8 +142,8 @@ def test_zero3_stream_equals_the_merged_lora_state_dict(tiny_text_path, gathered
     assert len(gathered) > 2  # gathered chunk by chunk, not all at once
     assert set(sent) == set(expected)
     for name, tensor in expected.items():
-        torch.testing.assert_close(sent[name], tensor)
-    base = Policy(str(tiny_text_path)).model.state_dict()
+        torch.testing.assert_close(sent[name], tensor, rtol=0, atol=0)
+    base = Policy(str(tiny_text_path), dtype=dtype).model.state_dict()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(sent[q], base[q])  # the LoRA delta is in what was sent
 

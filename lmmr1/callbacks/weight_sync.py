@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lmmr1.distributed import zero3_partitioned
+from lmmr1.modules.policy import is_lora_layer, lora_merged_weight
 from lmmr1.rollout.base import RolloutEngine, SamplingConfig
 
 
@@ -32,14 +33,8 @@ def holds_own_weights(engine: RolloutEngine) -> bool:
 
 def _group_weights(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
     """HF-named tensors of one module whose parameters are gathered; peft LoRA layers are merged on the fly."""
-    delta = getattr(module, "get_delta_weight", None)
-    if delta is not None and hasattr(module, "base_layer"):  # peft LoraLayer: base weight + sum of active deltas
-        weight = module.base_layer.weight.detach().clone()
-        if not getattr(module, "disable_adapters", False) and not getattr(module, "merged", False):
-            for name in module.active_adapters:
-                if name in module.lora_A:
-                    weight += delta(name).to(weight.dtype)
-        yield f"{prefix}weight", weight
+    if is_lora_layer(module):  # base weight + active adapters, into a new tensor (the model is never touched)
+        yield f"{prefix}weight", lora_merged_weight(module)
         if module.base_layer.bias is not None:
             yield f"{prefix}bias", module.base_layer.bias.detach().clone()
         return
@@ -57,7 +52,7 @@ def zero3_weights(model: nn.Module, chunk_mb: float = 512.0) -> Iterator[tuple[s
         for name, module in model.named_modules():
             if skip and name.startswith(skip):
                 continue
-            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            if is_lora_layer(module):
                 skip = (f"{name}.",)
                 yield name, module
             elif any(True for _ in module.parameters(recurse=False)):

@@ -59,6 +59,25 @@ class LoraSettings:
     """Module-name suffixes that get adapters (e.g. add gate_proj, up_proj, down_proj for the MLPs)."""
 
 
+def is_lora_layer(module: nn.Module) -> bool:
+    """A peft LoRA layer: a `base_layer` plus adapters whose update `get_delta_weight` computes."""
+    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+
+
+def lora_merged_weight(layer: nn.Module) -> Tensor:
+    """A new tensor holding the layer's base weight plus its active adapters' updates (B @ A * alpha / r,
+    arXiv:2106.09685), summed in float32 and rounded to the base dtype once; the layer itself is not modified.
+
+    Under ZeRO-3 call it inside a gather of the layer's parameters."""
+    base = layer.get_base_layer().weight
+    weight = base.detach().to(torch.float32, copy=True)
+    if not layer.disable_adapters and not layer.merged:  # merged: the base weight already holds the update
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight += layer.get_delta_weight(adapter).float()  # float32 when peft keeps adapters in float32
+    return weight.to(base.dtype)
+
+
 class Policy(nn.Module):
     """A local Hugging Face model folder loaded for RL (no hub access)."""
 
@@ -111,20 +130,22 @@ class Policy(nn.Module):
                 "lora": None if self.lora is None else asdict(self.lora)}
 
     def weights_for_sync(self) -> dict[str, Tensor]:
-        """HF-named weights for a rollout engine that holds its own copy; LoRA is merged into a copy of the base
-        weights and the adapters stay in place for training."""
+        """HF-named weights for a rollout engine that holds its own copy. LoRA: each adapted weight is merged into a
+        new tensor (`lora_merged_weight`) and the model is never touched; merging in place and back would move the
+        frozen base weights on every sync, since in bf16 (W + delta) - delta != W."""
+        state = {k: v.detach() for k, v in self.model.state_dict().items()}
         if self.lora is None:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
-        peft_model = self._peft[0]
-        peft_model.merge_adapter()
-        try:
-            return {k.replace(".base_layer", ""): v.detach().clone() for k, v in self.model.state_dict().items()
-                    if "lora_" not in k}
-        finally:
-            peft_model.unmerge_adapter()
+            return state
+        merged = {f"{name}.weight": lora_merged_weight(module) for name, module in self.model.named_modules()
+                  if is_lora_layer(module)}
+        weights = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+        return {**weights, **merged}
 
     def merged_model(self) -> nn.Module:
-        """The HF model with LoRA adapters folded into the base weights (the model itself without LoRA)."""
+        """The HF model with LoRA adapters folded into the base weights (the model itself without LoRA), for export.
+
+        It consumes the adapters: peft's `merge_and_unload` rewrites this policy's own model, which cannot train on
+        afterwards. Nothing at training time may call it; rollout engines get `weights_for_sync` (copies)."""
         if self.lora is None:
             return self.model
         return self._peft[0].merge_and_unload()

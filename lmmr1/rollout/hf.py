@@ -2,11 +2,22 @@
 
 The default engine on CPU and in tests. Prompts are left-padded, each repeated n times, and split into generation
 batches by a token budget so long prompts do not blow up memory.
+
+Tokens are sampled from the distribution their log-probs are computed from: `generate` gets a generation config built
+from `SamplingConfig` alone, and the model folder's saved defaults (generation_config.json: repetition penalty, top-k,
+minimum length, ...) are kept out of it. A row's end is where generation stopped it (its eos, or the token that
+completed a stop string), never read off the padding: the pad token may be the eos token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from lmmr1.data.processor import PromptBatch, concat_images
 from lmmr1.distributed import data_parallel, global_max, zero3_partitioned
@@ -36,34 +47,36 @@ class HFEngine(RolloutEngine):
         per_call = max(1, self.max_batch_tokens // max(row_tokens, 1))
         return [range(i, min(i + per_call, n_rows)) for i in range(0, n_rows, per_call)]
 
+    def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
+        """Everything `generate` samples with, from `sampling` alone (stop strings: see `_StopStringEnds`)."""
+        sample = sampling.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits: the log-probs are the policy's, as in training
+            use_cache=True,
+            suppress_tokens=self._vision_token_ids() or None,
+        )
+        if sample:  # top_k explicitly, 0 included: transformers' global default would be 50
+            config.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        return config
+
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, seed: int = 0) -> list[list[Completion]]:
         model = self.policy.model
         device = next(model.parameters()).device
         rows = [i for i in range(len(prompts)) for _ in range(sampling.n)]  # prompt index of each of the N rows
-        eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        options = dict(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature if sampling.temperature > 0 else None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
-            top_k=sampling.top_k if sampling.temperature > 0 else None,
-            eos_token_id=eos_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-            use_cache=True,
-            suppress_tokens=self._vision_token_ids() or None,
-        )
-        if sampling.stop:
-            options.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        options = dict(generation_config=self._generation_config(sampling))
         if data_parallel().active and zero3_partitioned(model):
             options.update(synced_gpus=True)  # ranks keep stepping until all are done: each step gathers weights
         completions: list[Completion] = []
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _without_saved_defaults(model):
                 torch.manual_seed(seed)
                 row_tokens = prompts.input_ids.shape[1] + sampling.max_new_tokens
                 chunks = self._chunks(len(rows), row_tokens)
@@ -86,21 +99,54 @@ class HFEngine(RolloutEngine):
             inputs.update(pixel_values=pixels.to(device), image_grid_thw=grids.to(device),
                           mm_token_type_ids=mm_token_type_ids(self.policy.model.config, inputs["input_ids"]))
         vision_tower_before_generation(self.policy.model.model, has_images=pixels is not None)
-        out = self.policy.model.generate(**inputs, **options)
+        stops = _StopStringEnds(self.tokenizer, sampling.stop, inputs["input_ids"].shape[1]) if sampling.stop else None
+        out = self.policy.model.generate(**inputs, **options,
+                                         stopping_criteria=StoppingCriteriaList([stops] if stops else []))
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
         logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, V)
         if sampling.temperature > 0:
             logits = logits / sampling.temperature
         token_logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        eos_id, pad_id = options["eos_token_id"], options["pad_token_id"]
+        eos_id = options["generation_config"].eos_token_id
+        stop_ends = stops.ends.tolist() if stops else [0] * len(rows)
         result = []
-        for tokens, logprobs in zip(new_tokens.tolist(), token_logprobs.tolist()):
-            length = len(tokens)
-            if eos_id in tokens:
-                length = tokens.index(eos_id) + 1
-            elif pad_id in tokens:  # stopped by a stop string; the rest is padding
-                length = tokens.index(pad_id)
-            stopped = length < sampling.max_new_tokens or tokens[length - 1] == eos_id
+        for tokens, logprobs, stop_end in zip(new_tokens.tolist(), token_logprobs.tolist(), stop_ends):
+            # where generate stopped the row (a sampled eos, or the token completing a stop string); the positions
+            # after it are padding, and the pad token may be the eos token, so they are never searched for an end
+            ends = [tokens.index(eos_id) + 1] if eos_id in tokens else []
+            ends += [stop_end] if stop_end > 0 else []
+            length = min(ends, default=len(tokens))
             text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
-            result.append(Completion(tokens[:length], text, logprobs[:length], "stop" if stopped else "length"))
+            result.append(Completion(tokens[:length], text, logprobs[:length], "stop" if ends else "length"))
         return result
+
+
+@contextmanager
+def _without_saved_defaults(model: nn.Module) -> Iterator[None]:
+    """`generate` fills every option its config leaves unset from `model.generation_config`, the folder's saved
+    defaults (transformers' `_prepare_generation_config`), before its global ones; a blank one stands in meanwhile."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class _StopStringEnds(StopStringCriteria):
+    """transformers' stop-string criterion (matches across token boundaries, and across the prompt's end) that also
+    records where it stopped each row: `ends[r]` = response tokens up to the one completing the first match, 0 while
+    none. Past that point `generate` pads the row, so this, not the padding, says where the row ends."""
+
+    def __init__(self, tokenizer, stop: list[str], prompt_len: int) -> None:  # noqa: ANN001
+        super().__init__(tokenizer=tokenizer, stop_strings=list(stop))
+        self.prompt_len = prompt_len
+        self.ends: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:  # noqa: ANN003
+        done = super().__call__(input_ids, scores, **kwargs)
+        if self.ends is None:
+            self.ends = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        first = done.cpu() & (self.ends == 0)
+        self.ends[first] = input_ids.shape[1] - self.prompt_len
+        return done

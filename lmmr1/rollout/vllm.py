@@ -27,11 +27,13 @@ model the banned tokens carry ~0 mass and with top_p=1, top_k=0 this equals the 
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -140,6 +142,7 @@ class VLLMEngine(RolloutEngine):
         )
         self.sleep_after_generate = sleep_after_generate
         self.llm = None
+        self._model_path: str | None = None  # the folder self.llm was started on
         self.sleep_mode = False  # enable_sleep_mode where the platform supports it (not on CPU)
         self.asleep = False
         self.engine_group: Any = None  # process group of this engine's ranks when it spans several (TP/PP > 1)
@@ -147,8 +150,19 @@ class VLLMEngine(RolloutEngine):
 
     def bind(self, policy, tokenizer) -> None:  # noqa: ANN001
         """Start vLLM on the policy's model folder (the weights it was loaded from); on several ranks, this rank's
-        engine (see `engine_args`). Every rank must call it (vLLM's groups are collectives)."""
+        engine (see `engine_args`). Every rank must call it (vLLM's groups are collectives).
+
+        Lightning calls it from every `setup` (fit, then validate or test): an engine already started on the same
+        folder is kept, with the weights it holds (WeightSync refreshes them), instead of a second `vllm.LLM` beside
+        it. Another folder replaces it, the old engine released before the new one measures free memory."""
         super().bind(policy, tokenizer)
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        self._banned = {i: _BANNED_BIAS for i in ids if i is not None and i != tokenizer.unk_token_id}
+        self._image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        if self.llm is not None:
+            if self._model_path == policy.path:
+                return
+            self.close()
         rank, world = _process_world()
         options = engine_args(self.options, rank, world)  # a bad tensor_parallel_size fails before vLLM starts
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core: weights as a stream
@@ -171,10 +185,23 @@ class VLLMEngine(RolloutEngine):
         self.sleep_mode = bool(options.get("enable_sleep_mode"))
         # processed log-probs: after temperature (and the placeholder ban), the distribution the sampler drew from
         self.llm = LLM(model=policy.path, logprobs_mode="processed_logprobs", **options)
+        self._model_path = policy.path
         self.asleep = False
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        self._banned = {i: _BANNED_BIAS for i in ids if i is not None and i != tokenizer.unk_token_id}
-        self._image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def close(self) -> None:
+        """Release the engine (weights, KV cache): shut its core down, drop every reference, collect, and return
+        the freed blocks to the device, as vLLM's own tests do between engines, except that torch.distributed's
+        groups stay (they are the trainer's). A later `bind` starts a new one."""
+        if self.llm is None:
+            return
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)  # V1 engine-core client
+        if core is not None:
+            core.shutdown()
+        self.llm = None
+        self.asleep = False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _join_engine_group(self, rank: int, world: int, size: int) -> None:
         """A gloo group per block of `size` consecutive ranks (vLLM's engine layout), kept for this rank's block, so
