@@ -17,7 +17,7 @@ from lmmr1.data.synthetic import make
 from lmmr1.modules.algorithm_config import AlgorithmConfig
 from lmmr1.modules.policy import Policy
 from lmmr1.modules.rl_module import RLModule
-from lmmr1.rewards import RewardOutput
+from lmmr1.rewards import RewardOutput, RewardServerError
 from lmmr1.rollout.base import SamplingConfig
 from tests.test_fit_e2e import LengthReward
 
@@ -110,3 +110,28 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tiny_vl_pat
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=False)["global_step"] == 1
+
+
+class ServerDownAtStep(LengthReward):
+    """A reward whose server stays unreachable (after the client's retries) from the given step on."""
+
+    def __init__(self, step: int) -> None:
+        self.calls, self.step = 0, step
+
+    def __call__(self, responses, rows) -> RewardOutput:  # noqa: ANN001
+        self.calls += 1
+        if self.calls > self.step:
+            raise RewardServerError("http://127.0.0.1:9/score: no answer after 4 attempts (connection refused)")
+        return super().__call__(responses, rows)
+
+
+def test_a_dead_reward_server_leaves_a_checkpoint_to_resume_from(tiny_vl_path, arith, tmp_path):
+    full, _, _ = _run(tiny_vl_path, arith, tmp_path / "full", max_steps=3)
+    with pytest.raises(RewardServerError, match="no answer after 4 attempts"):
+        _run(tiny_vl_path, arith, tmp_path / "failed", max_steps=3, reward=ServerDownAtStep(2),
+             callbacks=[GracefulStop(dirpath=str(tmp_path / "ckpt"))])
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2 and state["PromptDataModule"]["consumed"] == 4  # the failed step's prompts kept
+    resumed, _, _ = _run(tiny_vl_path, arith, tmp_path / "resumed", max_steps=3,
+                         ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _assert_same_model(full, resumed)

@@ -1,4 +1,5 @@
-"""SIGTERM / SIGINT finish the current RL step, write a checkpoint, and end training cleanly.
+"""SIGTERM / SIGINT finish the current RL step, write a checkpoint, and end training cleanly; a reward server that
+stays unreachable after its retries also leaves a checkpoint to resume from.
 
 A preempted or Ctrl-C'd run then resumes with `lmmr1 fit -c ... --ckpt_path <dirpath>/last.ckpt`. The checkpoint is
 written by Lightning's `trainer.save_checkpoint`, which writes to a temporary file and renames it, so a kill during the
@@ -20,7 +21,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmmr1.distributed import data_parallel
 from lmmr1.distributed.reductions import all_gather_objects, any_rank
+from lmmr1.rewards.remote import RewardServerError
 
 
 class GracefulStop(L.Callback):
@@ -43,6 +46,7 @@ class GracefulStop(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signal = None
+        self._position = getattr(trainer.datamodule, "consumed", None)  # the stream position after the last step
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -58,8 +62,24 @@ class GracefulStop(L.Callback):
             return Path(trainer.checkpoint_callback.dirpath) / self.filename
         return Path(trainer.default_root_dir) / "checkpoints" / self.filename
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The reward server failed mid-step (after the client's retries): the step made no update, so the state after
+        the last finished step is saved, with the prompt stream rewound to the failed step's first prompt. In one
+        process only: with several, the other ranks may not have failed, and a save is collective."""
+        if not isinstance(exception, RewardServerError) or data_parallel().active or trainer.global_step == 0:
+            return
+        datamodule = trainer.datamodule
+        if datamodule is not None and self._position is not None:
+            datamodule.consumed = self._position
+        path = self.checkpoint_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"the reward server failed during step {trainer.global_step + 1}: saved {path} after step "
+                       f"{trainer.global_step}; resume with --ckpt_path {path} once it is back")
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._position = getattr(trainer.datamodule, "consumed", None)
         # every rank takes part every step, signalled or not: the decision (and the collective save) must be common
         if not any_rank(self.signal is not None):
             return

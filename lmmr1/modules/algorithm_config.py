@@ -229,6 +229,10 @@ class AlgorithmConfig:
     engine samples from the live policy, e.g. HFEngine, and ppo_epochs is 1; saves one forward pass per step)."""
     grad_clip: GradClipConfig = field(default_factory=GradClipConfig)
     """Gradient clipping."""
+    max_nonfinite_steps: int = 3
+    """Optimizer steps with a NaN/inf loss or gradient are skipped (no update, counted in train/skipped_steps); this
+    many in a row stop training with an error (0: stop at the first). Under DeepSpeed a non-finite loss stops at
+    once: its partitioned gradients cannot be dropped."""
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     """DAPO dynamic sampling."""
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
@@ -255,6 +259,8 @@ class AlgorithmConfig:
         _require(self.ppo_epochs >= 1, f"{FLAG}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _require(self.train_batch_size is None or self.train_batch_size >= 1, f"{FLAG}.train_batch_size",
                  f"must be >= 1 or null, got {self.train_batch_size}")
+        _require(self.max_nonfinite_steps >= 0, f"{FLAG}.max_nonfinite_steps",
+                 f"must be >= 0, got {self.max_nonfinite_steps}")
         _require(self.micro_batch_size >= 1, f"{FLAG}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _require(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, f"{FLAG}.micro_batch_tokens",
                  f"must be >= 1 or null, got {self.micro_batch_tokens}")

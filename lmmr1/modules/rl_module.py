@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import AutoTokenizer
 
@@ -22,6 +23,7 @@ from lmmr1.callbacks.weight_sync import WeightSync, holds_own_weights
 from lmmr1.data.processor import PromptBatch
 from lmmr1.distributed import (
     all_gather_objects,
+    any_rank,
     data_parallel,
     global_max,
     global_stats,
@@ -153,6 +155,8 @@ class RLModule(L.LightningModule):
             self.reference.requires_grad_(False).eval()
         self.kl_controller = build_kl_controller(self.algorithm.kl)
         self.grad_clip = self.algorithm.grad_clip.build()
+        self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss or gradient, and how many in a row
+        self.nonfinite_in_a_row = 0
 
     # ---- Lightning plumbing -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -181,10 +185,12 @@ class RLModule(L.LightningModule):
         checkpoint["policy_settings"] = self.policy.settings()
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
         checkpoint["grad_clip"] = self.grad_clip.state_dict()
+        checkpoint["skipped_steps"] = (self.skipped_steps, self.nonfinite_in_a_row)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         self.grad_clip.load_state_dict(checkpoint["grad_clip"])
+        self.skipped_steps, self.nonfinite_in_a_row = checkpoint.get("skipped_steps", (0, 0))
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         # The reference is a frozen copy of the initial weights, rebuilt from disk; keep it out of checkpoints.
@@ -213,16 +219,23 @@ class RLModule(L.LightningModule):
             steps = []
             self._count_step_without_update(optimizer)
         for step, rows in enumerate(steps):
+            last = step == len(steps) - 1
             mini = exp.select(rows)
             normaliser = self._loss_normaliser(mini)
             micros = self._padded_micro_batches(mini, filler)
+            finite = True
             for i, (micro, real) in enumerate(micros):
                 self._begin_micro_batch(last=i == len(micros) - 1)
                 loss, micro_metrics = self._loss(micro, normaliser)
+                finite_here = bool(torch.isfinite(loss))
+                finite = finite and finite_here
+                self._stop_on_nonfinite_deepspeed_loss(finite_here)
                 self.manual_backward(loss if real else loss * 0.0)  # a filler keeps the ranks' collectives paired
-                if real:
+                if real and finite_here:
                     history.append(micro_metrics)
-            clip = self._clip_and_step(optimizer, last=step == len(steps) - 1)
+            if self._skip_nonfinite(optimizer, finite, last):
+                continue
+            clip = self._clip_and_step(optimizer, last=last)
             optimizer.zero_grad(set_to_none=True)
             if self.make_lr_scheduler is not None:  # manual optimization: Lightning does not step schedulers
                 self.lr_schedulers().step()
@@ -232,6 +245,37 @@ class RLModule(L.LightningModule):
             self.kl_controller.update(float(kl), samples)
         self._log_step(exp, rollout, history, clip, kl, time.perf_counter() - start, optimizer_steps=len(steps))
         return {"samples": self._sample_records(exp, rollout.scores)}
+
+    def _skip_nonfinite(self, optimizer: Any, loss_finite: bool, last: bool) -> bool:
+        """True (and the step's gradients dropped) when any rank's loss or the gradient is NaN/inf; the skip is
+        counted, and more than `max_nonfinite_steps` in a row stop training with an error."""
+        if self._deepspeed_engine is not None:  # non-finite losses already stopped; DeepSpeed holds the gradients
+            return False
+        trainable = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        grads_finite = not trainable or bool(torch.isfinite(torch.nn.utils.get_total_norm(trainable)))
+        if not any_rank(not (loss_finite and grads_finite)):
+            self.nonfinite_in_a_row = 0
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row > self.algorithm.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"step {self.global_step}: the loss or gradient was NaN/inf in {self.nonfinite_in_a_row} optimizer "
+                f"steps in a row (--model.algorithm.max_nonfinite_steps {self.algorithm.max_nonfinite_steps}); "
+                f"the last checkpoint is intact. Look for NaN rewards or advantages, or lower the learning rate")
+        rank_zero_warn(f"step {self.global_step}: NaN/inf loss or gradient; optimizer step skipped "
+                       f"({self.nonfinite_in_a_row} in a row)")
+        if last:
+            self._count_step_without_update(optimizer)
+        return True
+
+    def _stop_on_nonfinite_deepspeed_loss(self, finite: bool) -> None:
+        """Under DeepSpeed, gradients go into partitioned buffers at backward and cannot be dropped afterwards: a
+        NaN/inf loss on any rank stops training before it is back-propagated."""
+        if self._deepspeed_engine is not None and any_rank(not finite):
+            raise FloatingPointError(f"step {self.global_step}: NaN/inf loss under DeepSpeed; stopped before the "
+                                     f"backward so the weights and the last checkpoint stay intact")
 
     def _count_step_without_update(self, optimizer: Any) -> None:
         """Advance `global_step` (an RL step happened) without touching the weights or the optimizer's state.
@@ -478,6 +522,8 @@ class RLModule(L.LightningModule):
         for name in history[0] if history else []:
             means[f"train/{name}"] = (float(sum(m[name] for m in history)), float(len(history)))
         sums = {"train/samples": rows, **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()}}
+        if self.skipped_steps:
+            means["train/skipped_steps"] = (float(self.skipped_steps), 1.0)  # the same count on every rank
         if self.algorithm.dynamic_sampling.enabled:
             kept_groups = rows / self.sampling.n
             sums.update({"rollout/generated_groups": float(rollout.generated_groups),
