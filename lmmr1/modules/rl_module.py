@@ -179,7 +179,22 @@ class RLModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=1e-6) if self.make_optimizer is None else self.make_optimizer(groups)
         if self.make_lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.make_lr_scheduler(optimizer)}
+        scheduler = self.make_lr_scheduler(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # a schedule over the run's length (WarmupCosine)
+            scheduler.total_steps = self._total_optimizer_steps()  # step 0's factor does not depend on it
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: max_steps rollouts x ppo_epochs x ceil(rollout samples / train_batch_size)
+        (the rollout being data.batch_size prompts x sampling.n samples, all ranks)."""
+        max_steps = self.trainer.max_steps
+        prompts = getattr(self.trainer.datamodule, "batch_size", None)
+        if max_steps is None or max_steps < 1 or prompts is None:
+            raise ValueError("--model.lr_scheduler.total_steps is null, and it can be derived only from "
+                             "--trainer.max_steps and --data.batch_size; set max_steps or total_steps")
+        size = self.algorithm.train_batch_size
+        per_rollout = 1 if size is None else -(-prompts * self.sampling.n // size)
+        return max_steps * self.algorithm.ppo_epochs * per_rollout
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["policy_settings"] = self.policy.settings()
