@@ -12,6 +12,7 @@ contiguous share [b*B + r*B/W, b*B + (r+1)*B/W). A 2-rank run therefore sees exa
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ class DatasetSpec:
     @property
     def label(self) -> str:
         return self.name or Path(self.path).parent.name or Path(self.path).stem
+
+
+def _check_specs(specs: list[DatasetSpec], flag: str, *, blended: bool) -> None:
+    """Reject what would fail or mislead only once the stream runs: empty paths, weights that are negative, not
+    finite, or (`blended`: drawn from by weight) all zero."""
+    for j, spec in enumerate(specs):
+        if not isinstance(spec.path, str) or not spec.path.strip():
+            raise ValueError(f"{flag}[{j}].path: must be a data file path, got {spec.path!r}")
+        if not (spec.prob >= 0 and math.isfinite(spec.prob)):
+            raise ValueError(f"{flag}[{j}].prob: must be a finite number >= 0, got {spec.prob}")
+    if blended and specs and not sum(spec.prob for spec in specs) > 0:
+        raise ValueError(f"{flag}: every prob is 0; give at least one dataset a weight > 0")
 
 
 class _Rows(Dataset):
@@ -221,10 +234,22 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("give exactly one of --data.datasets and --data.stages")
         self.stages = list(stages) if stages else [Stage("train", list(datasets))]
         for i, stage in enumerate(self.stages):
+            flag = f"--data.stages[{i}]" if stages else "--data"
             if not stage.datasets:
-                raise ValueError(f"--data.stages[{i}] ({stage.name}): no datasets")
+                raise ValueError(f"{flag} ({stage.name}): no datasets")
             if stage.steps is None and i < len(self.stages) - 1:
-                raise ValueError(f"--data.stages[{i}] ({stage.name}): only the last stage may omit `steps`")
+                raise ValueError(f"{flag} ({stage.name}): only the last stage may omit `steps`")
+            if stage.steps is not None and stage.steps < 1:
+                raise ValueError(f"{flag}.steps ({stage.name}): must be >= 1 or null, got {stage.steps}")
+            _check_specs(stage.datasets, f"{flag}.datasets", blended=True)
+        _check_specs(list(val or []), "--data.val", blended=False)
+        for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
+                                   ("anneal_steps", anneal_steps, 0), ("num_workers", num_workers, 0),
+                                   ("min_pixels", min_pixels, 1)):
+            if value < least:
+                raise ValueError(f"--data.{name}: must be >= {least}, got {value}")
+        if max_pixels < min_pixels:
+            raise ValueError(f"--data.max_pixels: must be >= --data.min_pixels ({min_pixels}), got {max_pixels}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"--data.on_bad_row: unknown {on_bad_row!r}; choose from ['error', 'skip']")
         self.val = list(val or [])

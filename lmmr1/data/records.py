@@ -13,9 +13,10 @@ empty label fails in seconds with a pointer to the line, not hours into a run.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
+import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from PIL import Image
 MAX_LISTED = 20  # problems shown in one DataError before "... and K more"
 _POLICIES = ("error", "skip")
 _OPTIONAL = ("datasource", "env", "env_path")  # null values mean absent (Parquet stores absent fields as null)
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as the surrogateescape handler keeps them
 
 
 class DataError(ValueError):
@@ -43,16 +45,28 @@ class DataError(ValueError):
         return DataError, (self.problems, self.header)
 
 
+def _loads(text: str) -> tuple[Any, str | None, int]:
+    """json.loads as (value, None, 0), or (None, what is wrong, line of the problem) for any text it rejects."""
+    try:
+        return json.loads(text), None, 0
+    except json.JSONDecodeError as e:
+        return None, f"bad JSON: {e.msg} (column {e.colno})", e.lineno
+    except RecursionError:  # json.loads raises these two for syntactically valid text it cannot hold
+        return None, "bad JSON: nested too deeply", 1
+    except ValueError as e:  # an integer literal longer than Python's int/str digit limit
+        return None, f"bad JSON: {str(e).split(';')[0]}", 1
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, decoded value or None, JSON error or None) for each non-blank line."""
-    with path.open(encoding="utf-8") as f:
+    """(line number, decoded value or None, error or None) for each non-blank line."""
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:  # a line that is not UTF-8 is that row's problem
         for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield number, None, f"bad JSON: {e.msg} (column {e.colno})"
+            if bad := _UNDECODED.search(line):
+                byte = ord(bad.group()) - 0xDC00
+                yield number, None, f"not UTF-8 text (byte {byte:#04x} at column {bad.start() + 1})"
+            elif line.strip():
+                value, error, _ = _loads(line)
+                yield number, value, error
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -64,9 +78,12 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         yield from _read_jsonl(path)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError([f"{path}:{e.lineno}: bad JSON: {e.msg} (column {e.colno})"]) from None
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError([f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"]) from None
+        data, error, line = _loads(text)
+        if error is not None:
+            raise DataError([f"{path}:{line}: {error}"])
         if not isinstance(data, list):
             raise DataError([f"{path}: a .json data file must hold a list of rows, not {type(data).__name__}"])
         for index, row in enumerate(data, start=1):
@@ -94,10 +111,17 @@ def check_image(ref: str) -> tuple[int, int]:
             header, sep, payload = ref.partition(",")
             if not sep or ";base64" not in header:
                 raise ValueError("data: URL is not base64-encoded (expected data:image/png;base64,...)")
-            source: Any = io.BytesIO(base64.b64decode(payload, validate=True))
+            try:
+                source: Any = io.BytesIO(base64.b64decode(payload, validate=True))
+            except ValueError as e:  # binascii.Error (bad alphabet or padding), or non-ASCII text
+                raise ValueError(f"data: URL has invalid base64 ({e})") from None
         else:
             path = Path(ref)
-            if not path.exists():
+            try:
+                found = path.exists()
+            except OSError as e:  # e.g. a file name longer than the file system allows
+                raise ValueError(f"image file cannot be opened ({e.strerror}): {_short(ref)}") from None
+            if not found:
                 raise ValueError(f"image file not found: {ref}")
             source = path
         with Image.open(source) as image:
@@ -106,8 +130,6 @@ def check_image(ref: str) -> tuple[int, int]:
         return size
     except ValueError:
         raise
-    except binascii.Error as e:
-        raise ValueError(f"data: URL has invalid base64 ({e})") from None
     except PermissionError:
         raise ValueError(f"image file is not readable (permission denied): {ref}") from None
     except Image.UnidentifiedImageError:
@@ -130,8 +152,18 @@ def _resolve_image(ref: Any, base: Path) -> str:
         ref = unquote(ref[len("file://"):])
     elif "://" in ref:
         raise ValueError(f"remote image {_short(ref)!r} is not supported (nothing is downloaded); use a local path")
-    path = Path(ref).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    return str(_local_path(ref, base))
+
+
+def _local_path(ref: str, base: Path) -> Path:
+    """`ref` as an absolute path ('~' expanded, relative to `base`); ValueError for a path no file can have."""
+    if "\0" in ref:
+        raise ValueError(f"path {_short(ref)!r} contains a NUL character")
+    try:
+        path = Path(ref).expanduser()
+    except RuntimeError as e:  # '~user' for an unknown user, or no home directory
+        raise ValueError(f"cannot expand '~' in {_short(ref)!r}: {e}") from None
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def _normalize_item(item: Any, base: Path, where: str) -> dict[str, Any]:
@@ -163,6 +195,9 @@ def _normalize_message(value: Any, base: Path) -> list[dict[str, Any]]:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise ValueError(f"not a valid JSON string ({e.msg} at column {e.colno})") from None
+        except (RecursionError, ValueError) as e:  # too deeply nested; an integer beyond the int/str digit limit
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+            raise ValueError(f"not a valid JSON string ({reason})") from None
     if not isinstance(value, list) or not value:
         raise ValueError(f"must be a non-empty list of {{role, content}} messages, got {type(value).__name__}")
     messages = []
@@ -200,6 +235,8 @@ def _normalize_row(raw: Any, base: Path, input_key: str, label_key: str,
         problems.append(f"{label_key}: missing")
     elif isinstance(label, bool) or not isinstance(label, str | int | float):
         problems.append(f"{label_key}: must be a string, got {type(label).__name__}")
+    elif isinstance(label, float) and not math.isfinite(label):
+        problems.append(f"{label_key}: must be a string or a finite number, got {label}")
     elif not str(label).strip():
         problems.append(f"{label_key}: empty")
     else:
@@ -227,11 +264,15 @@ def _load_env(row: dict[str, Any], base: Path) -> list[str]:
     if row.get("env_path") is not None:
         if row.get("env") is not None:
             return ["env_path: row has both 'env' and 'env_path'; keep one"]
-        path = Path(str(row["env_path"])).expanduser()
-        path = path if path.is_absolute() else base / path
+        if not isinstance(row["env_path"], str):
+            return [f"env_path: must be a file path, got {type(row['env_path']).__name__}"]
+        try:
+            path = _local_path(row["env_path"], base)
+        except ValueError as e:
+            return [f"env_path: {e}"]
         try:
             row["env"] = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: the file is not UTF-8, or the name cannot be encoded
             return [f"env_path: cannot read {path}: {getattr(e, 'strerror', None) or e}"]
         row["env_path"] = str(path.resolve())
     if row.get("env") is None:
@@ -307,7 +348,7 @@ def _messages(row: Mapping) -> list[Any]:
 
 
 def row_images(row: Mapping) -> list[str]:
-    """The image references of a row's messages, in order of appearance."""
+    """The image references (strings) of a row's messages, in order of appearance; raw rows may hold anything."""
     refs = []
     for message in _messages(row):
         content = message.get("content") if isinstance(message, Mapping) else None
@@ -315,9 +356,9 @@ def row_images(row: Mapping) -> list[str]:
             for item in content:
                 if not isinstance(item, Mapping):
                     continue
-                kind = item.get("type")
-                if kind == "image" or (kind is None and item.get("image") is not None):
-                    refs.append(item["image"])
+                kind, ref = item.get("type"), item.get("image")
+                if (kind == "image" or kind is None) and isinstance(ref, str):
+                    refs.append(ref)
     return refs
 
 
@@ -331,6 +372,6 @@ def row_text(row: Mapping) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts += [item["text"] for item in content
-                      if isinstance(item, Mapping) and item.get("type", "text") == "text" and "text" in item]
+            parts += [item["text"] for item in content if isinstance(item, Mapping)
+                      and item.get("type", "text") == "text" and isinstance(item.get("text"), str)]
     return "\n".join(parts)

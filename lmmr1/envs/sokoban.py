@@ -83,7 +83,7 @@ class Level:
                    max(len(line) for line in lines))
 
     def to_xsb(self) -> str:
-        """XSB text, one line per row, trailing spaces stripped, no final newline."""
+        """XSB text, one line per row, trailing spaces stripped, no final newline; `from_xsb` reads it back equal."""
         rows = []
         for r in range(self.height):
             chars = []
@@ -98,6 +98,10 @@ class Level:
                 else:
                     chars.append("." if p in self.goals else " ")
             rows.append("".join(chars).rstrip())
+        # from_xsb skips blank first/last lines and takes the width from the longest line: keep floor there as `-`
+        rows[0], rows[-1] = rows[0] or "-", rows[-1] or "-"
+        if max(map(len, rows)) < self.width:
+            rows[0] = rows[0].ljust(self.width - 1) + "-"
         return "\n".join(rows)
 
     @property

@@ -31,6 +31,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"--model.evaluation.n must be >= 1, got {self.n}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # `not >=` also catches NaN
+            raise ValueError(f"--model.evaluation.temperature must be a finite number >= 0, got {self.temperature}")
         if any(k < 1 or k > self.n for k in self.k):
             raise ValueError(f"--model.evaluation.k: every k must be in [1, n={self.n}], got {self.k}")
 

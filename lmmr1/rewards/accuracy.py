@@ -23,20 +23,27 @@ from typing import Any
 from lmmr1.rewards.base import Reward, RewardOutput, check_lengths, tag_content, where
 from lmmr1.rewards.verify_pool import CRASH, LABEL_PARSE_FAILURE, TIMEOUT, PoolRun, VerifyPool
 
+_BRACE = re.compile(r"[{}]")
 _WRAPPERS = re.compile(r"^\\(?:boxed|text|textbf|mathrm|mathbf)\{(.*)\}$", re.DOTALL)
 _LABEL_LETTER = re.compile(r"^\(?([A-J])\)?\.?$")
 _PRED_LETTER = re.compile(r"^\(?([A-Ja-j])\)?(?:$|[.:)]|\s)")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{…}` (balanced braces), or None when there is none or it is unclosed."""
+    """Content of the last closed `\\boxed{…}` (balanced braces), or None when there is none."""
+    # One pass pairs every brace (a rescan from each unclosed \\boxed{ was quadratic: seconds for a response that
+    # repeats "\\boxed{"); then the last \\boxed{ whose brace closes wins.
+    closing, stack = {}, []
+    for match in _BRACE.finditer(text):
+        if match.group() == "{":
+            stack.append(match.start())
+        elif stack:
+            closing[stack.pop()] = match.start()
     start = text.rfind("\\boxed{")
     while start != -1:
-        depth, i = 0, start + len("\\boxed")
-        for i in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start + len("\\boxed{"):i].strip()
+        brace = start + len("\\boxed")
+        if brace in closing:
+            return text[brace + 1:closing[brace]].strip()
         start = text.rfind("\\boxed{", 0, start)
     return None
 

@@ -12,7 +12,6 @@ training loop logs `total`, each component's mean (`train/reward/<name>`) and th
 from __future__ import annotations
 
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,8 +73,16 @@ def tag_content(response: str, tag: str) -> str | None:
     >>> tag_content("<think>a</think><answer> 42 </answer>", "answer")
     '42'
     """
-    matches = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", response, flags=re.DOTALL)
-    return matches[-1].strip() if matches else None
+    # The same matches as re.findall(r"<tag>(.*?)</tag>", DOTALL), found in linear time: the regex rescans to the end
+    # from every unclosed <tag>, so a response repeating "<answer>" took seconds to score.
+    open_tag, close_tag, position, content = f"<{tag}>", f"</{tag}>", 0, None
+    while (start := response.find(open_tag, position)) != -1:
+        start += len(open_tag)
+        end = response.find(close_tag, start)
+        if end == -1:
+            break
+        content, position = response[start:end], end + len(close_tag)
+    return content.strip() if content is not None else None
 
 
 def check_lengths(responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:

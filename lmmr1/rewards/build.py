@@ -11,7 +11,8 @@ Accepted specs:
      "weights": {"format": 0.5}, "options": {"accuracy": {"timeout": 5.0}, "solved": {"noop_penalty": 0.05}}}
   A route lists names (built-ins are expanded into the components `format`, `accuracy`, `solved`, each used once) or
   plug-ins. A component's weight is `weights[name]`, else its default (format 0.5, accuracy 1.0, solved 1.0, plug-ins
-  1.0); `options[name]` are constructor arguments of that component's class. Without routes, `{"reward": <name or list>,
+  1.0), a finite number; a weight for a component no route uses is an error (a typo would keep the default);
+  `options[name]` are constructor arguments of that component's class. Without routes, `{"reward": <name or list>,
   "weights": ..., "options": ...}` builds one weighted sum. `{"url": ..., "timeout": ..., "retries": ..., "backoff":
   ..., "token": ...}` builds the remote client (better than `token`: the LMMR1_REWARD_TOKEN environment variable), and
   `{"class_path": ..., "init_args": {...}}` any Reward class;
@@ -24,6 +25,7 @@ Accepted specs:
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -53,18 +55,30 @@ class _Builder:
     """Builds from one config; component instances are shared across routes (one math worker pool per run)."""
 
     def __init__(self, weights: Mapping[str, float] | None, options: Mapping[str, Any] | None, base_dir: str) -> None:
+        for key, value in (("weights", weights), ("options", options)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"{key}: expected a mapping of component name -> "
+                                 f"{'weight' if key == 'weights' else 'constructor arguments'}, got {value!r}")
         self.weights, self.options, self.base_dir = dict(weights or {}), dict(options or {}), base_dir
+        for name, weight in self.weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ValueError(f"weights.{name}: must be a finite number, got {weight!r}")
+            self.weights[name] = float(weight)
         unknown = sorted(set(self.options) - set(COMPONENTS))
         if unknown:
             raise ValueError(f"options: unknown component(s) {unknown}; options apply to {sorted(COMPONENTS)}")
+        for name, kwargs in self.options.items():
+            if kwargs is not None and not isinstance(kwargs, Mapping):
+                raise ValueError(f"options.{name}: expected a mapping of constructor arguments, got {kwargs!r}")
         self.cache: dict[str, Reward] = {}
+        self.used: set[str] = set()  # components and plug-ins some reward uses: the names `weights` may give
 
     def component(self, name: str) -> Reward:
         if name not in self.cache:
             kwargs = self.options.get(name) or {}
             try:
                 self.cache[name] = COMPONENTS[name](**kwargs)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise ValueError(f"options.{name}: {e}") from e
         return self.cache[name]
 
@@ -78,6 +92,8 @@ class _Builder:
         return self.cache[target]
 
     def weighted(self, names: str | list[str]) -> WeightedSum:
+        if not isinstance(names, str | list | tuple):
+            raise ValueError(f"reward {names!r} is not a name or a list of names; {_choices()}")
         names = [names] if isinstance(names, str) else list(names)
         members: dict[str, Reward] = {}
         for name in names:
@@ -92,7 +108,15 @@ class _Builder:
                 else:
                     raise ValueError(f"unknown reward {leaf!r}; {_choices()}")
         weights = [float(self.weights.get(k, DEFAULT_WEIGHTS.get(k, 1.0))) for k in members]
+        self.used.update(members)
         return WeightedSum(list(members.values()), weights, name="+".join(names))
+
+    def check_weights_used(self) -> None:
+        """A weight for a component no reward uses is a typo that would silently keep the default weight."""
+        unused = sorted(set(self.weights) - self.used)
+        if unused:
+            raise ValueError(f"weights: {unused} is not a component of this reward; its components are "
+                             f"{sorted(self.used)}")
 
 
 def _from_mapping(spec: Mapping[str, Any], base_dir: str) -> Reward:
@@ -113,11 +137,14 @@ def _from_mapping(spec: Mapping[str, Any], base_dir: str) -> Reward:
         routes = spec["routes"]
         if not isinstance(routes, Mapping) or not routes:
             raise ValueError("routes: expected a mapping of datasource pattern -> reward name or list of names")
-        return RoutedReward({str(p): builder.weighted(names) for p, names in routes.items()},
-                            key=spec.get("key", "datasource"))
-    if "reward" in spec:
-        return builder.weighted(spec["reward"])
-    raise ValueError("reward config: give 'routes', 'reward', 'url' or 'class_path'")
+        reward: Reward = RoutedReward({str(p): builder.weighted(names) for p, names in routes.items()},
+                                      key=spec.get("key", "datasource"))
+    elif "reward" in spec:
+        reward = builder.weighted(spec["reward"])
+    else:
+        raise ValueError("reward config: give 'routes', 'reward', 'url' or 'class_path'")
+    builder.check_weights_used()
+    return reward
 
 
 def build_reward(spec: str | Mapping[str, Any] | Reward, base_dir: str = ".") -> Reward:

@@ -14,6 +14,7 @@ training starts rather than mid-run. `MathReward` is LMM-R1's weighting: 0.5 * f
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,13 +23,23 @@ from lmmr1.rewards.base import NAN, Reward, RewardOutput, check_lengths, where
 from lmmr1.rewards.format import FormatReward
 
 
+def _finite(weight: Any, name: str) -> float:
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):  # a NaN or infinite weight turns every total into NaN or inf
+        raise ValueError(f"{name}: weights must be finite numbers, got {weight!r}")
+    return value
+
+
 class WeightedSum(Reward):
     """total = sum_k weights[k] * rewards[k].total; components are the members' components (names must not clash)."""
 
     def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None,
                  name: str = "weighted_sum") -> None:
         self.rewards = list(rewards)
-        self.weights = [1.0] * len(self.rewards) if weights is None else [float(w) for w in weights]
+        self.weights = [1.0] * len(self.rewards) if weights is None else [_finite(w, name) for w in weights]
         if len(self.weights) != len(self.rewards):
             raise ValueError(f"{name}: {len(self.rewards)} rewards but {len(self.weights)} weights")
         if not self.rewards:

@@ -13,6 +13,7 @@ A missing answer tag or a text that is not a plan scores 0 and is counted (`soko
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -34,6 +35,9 @@ class SokobanReward(Reward):
 
     def __init__(self, boxes_weight: float = 0.0, move_cost: float = 0.0, noop_penalty: float = 0.0,
                  answer_tag: str = "answer", env_key: str = "env") -> None:
+        for flag, value in (("boxes_weight", boxes_weight), ("move_cost", move_cost), ("noop_penalty", noop_penalty)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{flag}: must be a finite number, got {value!r}")
         self.boxes_weight, self.move_cost, self.noop_penalty = boxes_weight, move_cost, noop_penalty
         self.answer_tag, self.env_key = answer_tag, env_key
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -140,8 +141,8 @@ class VerifyPool:
             workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not 0 < timeout < math.inf:  # NaN or inf would never time out
+            raise ValueError(f"timeout must be > 0 seconds and finite, got {timeout}")
         if start_method is None:  # forkserver: replacements fork from a server that has math-verify imported already
             start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self.workers, self.timeout = workers, timeout

@@ -45,7 +45,8 @@ def _clipped_surrogate(ratio: Tensor, log_ratio: Tensor, advantages: Tensor, mas
     unclipped = -advantages * ratio
     # Clip-higher: asymmetric range [1 - clip_low, 1 + clip_high] (DAPO, arXiv:2503.14476) keeps low-probability
     # tokens able to grow, against entropy collapse; clip_low == clip_high is the PPO clip (arXiv:1707.06347 eq. 7).
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    # (a clip_high beyond the dtype's range means no upper clip; torch refuses a bound it cannot represent)
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, min(1.0 + clip_high, torch.finfo(ratio.dtype).max))
     use_clipped = clipped > unclipped  # max of the two losses == min of the two objectives
     loss = torch.where(use_clipped, clipped, unclipped)
     use_dual = torch.zeros_like(use_clipped)
