@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lmmr1.data.datamodule import CurriculumSampler
+from lmmr1.data.datamodule import CurriculumSampler, DatasetSpec, PromptDataModule, Stage
 
 
 def BlendedSampler(sizes, probs, seed, start=0):  # noqa: N802 - a one-stage curriculum is a plain blend
@@ -120,3 +120,21 @@ def test_two_ranks_split_every_global_batch_into_disjoint_shares_whose_union_is_
 def test_batch_size_must_split_over_the_ranks():
     with pytest.raises(ValueError, match="batch_size 5 .* divisible by the 2 data-parallel ranks"):
         CurriculumSampler([[(0, 10, 1.0)]], [None], batch_size=5, seed=0, rank=0, replicas=2)
+
+
+def test_episodes_set_max_steps_from_the_rows_loaded(tmp_path):
+    import lightning as L
+
+    from lmmr1.data.synthetic import make
+    from lmmr1.models.tiny import build_tiny
+
+    rows = make("arith", n=10, seed=0, out=tmp_path / "arith")
+    data = PromptDataModule(datasets=[DatasetSpec(str(rows))], batch_size=4, episodes=2,
+                            processor_path=str(build_tiny(tmp_path / "tiny", kind="text", seed=0)))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1000, logger=False)
+    data.trainer = trainer
+    data.setup("fit")
+    assert trainer.max_steps == 5  # ceil(2 passes x 10 rows / 4 prompts per step)
+    with pytest.raises(ValueError, match=r"--data.episodes: counts passes over one set of datasets"):
+        PromptDataModule(stages=[Stage("a", [DatasetSpec(str(rows))], steps=2), Stage("b", [DatasetSpec(str(rows))])],
+                         episodes=1)

@@ -215,6 +215,7 @@ class PromptDataModule(L.LightningDataModule):
         input_key: str = "message",
         label_key: str = "answer",
         on_bad_row: str = "error",
+        episodes: float | None = None,
     ) -> None:
         """
         Args:
@@ -228,6 +229,9 @@ class PromptDataModule(L.LightningDataModule):
             system_prompt: replaces every row's system message (None keeps the rows' own).
             few_shot: chat turns (e.g. worked examples) placed after the system message of every prompt.
             on_bad_row: "error" (stop, listing every bad row) or "skip" (drop and report them).
+            episodes: passes over the training rows (OpenRLHF's num_episodes); sets `trainer.max_steps` to
+                ceil(episodes x rows / batch_size) once the rows are loaded. Single-stage runs only; null = use
+                max_steps as given.
         """
         super().__init__()
         if bool(datasets) == bool(stages):
@@ -252,6 +256,12 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"--data.max_pixels: must be >= --data.min_pixels ({min_pixels}), got {max_pixels}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"--data.on_bad_row: unknown {on_bad_row!r}; choose from ['error', 'skip']")
+        if episodes is not None and not 0 < episodes < float("inf"):
+            raise ValueError(f"--data.episodes: must be a number > 0 or null, got {episodes}")
+        if episodes is not None and stages:
+            raise ValueError("--data.episodes: counts passes over one set of datasets; with --data.stages give "
+                             "each stage its `steps` instead")
+        self.episodes = episodes
         self.val = list(val or [])
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.seed, self.num_workers = seed, num_workers
@@ -291,6 +301,13 @@ class PromptDataModule(L.LightningDataModule):
                     raise ValueError(f"{spec.path}: no usable rows")
             self.train_rows = [cache[spec.path] for spec in self.train_specs]
             self.val_rows = [cache[spec.path] for spec in self.val]
+        if self.episodes is not None and stage in ("fit", None) and self.trainer is not None:
+            self.trainer.fit_loop.epoch_loop.max_steps = self.steps_for_episodes()  # before the loop starts
+
+    def steps_for_episodes(self) -> int:
+        """RL steps that make `episodes` passes over the training rows, `batch_size` prompts per step."""
+        rows = sum(len(t) for t in self.train_rows)
+        return max(1, math.ceil(self.episodes * rows / self.batch_size))
 
     def all_train_rows(self) -> list[dict[str, Any]]:
         return [row for rows in self.train_rows for row in rows]
