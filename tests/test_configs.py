@@ -59,3 +59,14 @@ def test_smoke_config_trains_through_the_cli(tmp_path, monkeypatch):
     assert main(["plot", "runs/smoke/csv"]) == 0
     plots = {p.name for p in (tmp_path / "runs" / "smoke" / "csv" / "version_0" / "plots").iterdir()}
     assert {"reward.png", "validation.png", "kl.png", "grad_norm.png", "response_length.png"} <= plots
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_writes_its_run_under_default_root_dir(config):
+    """No logger `save_dir` or checkpoint `dirpath` of its own: the CLI fills them from `trainer.default_root_dir`, so
+    `--trainer.default_root_dir DIR` moves the whole run (tests/test_first_run.py runs it)."""
+    trainer = yaml.safe_load(Path(config).read_text()).get("trainer", {})
+    loggers = trainer.get("logger") or []
+    for component in (loggers if isinstance(loggers, list) else [loggers]) + (trainer.get("callbacks") or []):
+        init_args = component.get("init_args") or {} if isinstance(component, dict) else {}
+        assert "save_dir" not in init_args and "dirpath" not in init_args, (config, component)

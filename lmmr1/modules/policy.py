@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from lmmr1.models.recipe import ModelRecipe
 from lmmr1.modules.packing import response_hidden_states
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,6 +92,7 @@ class Policy(nn.Module):
         logprob_chunk: int = 256,
         lora: LoraSettings | None = None,
         packing: bool = False,
+        make: ModelRecipe | None = None,
     ) -> None:
         """
         Args:
@@ -105,9 +107,12 @@ class Policy(nn.Module):
             packing: padding-free forwards: the real tokens of a micro-batch in one row, attention kept within each
                 sequence (SDPA block-diagonal mask on CPU, flash-attn varlen on GPU). Same log-probs, less compute
                 when lengths vary.
+            make: how to build `path` locally if it holds no model yet (e.g. {kind: tiny-vl}); see models/recipe.py.
         """
         super().__init__()
         path = os.path.expanduser(path)  # configs may point into ~/.cache/lmmr1
+        if make is not None:
+            make.build_if_missing(path)
         self.path, self.dtype, self.logprob_chunk, self.packing = path, dtype, logprob_chunk, packing
         self.attn_implementation = attn_implementation
         self.model = load_hf_model(path, dtype, attn_implementation).train()  # from_pretrained returns eval mode
