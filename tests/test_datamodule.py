@@ -131,10 +131,14 @@ def test_episodes_set_max_steps_from_the_rows_loaded(tmp_path):
     rows = make("arith", n=10, seed=0, out=tmp_path / "arith")
     data = PromptDataModule(datasets=[DatasetSpec(str(rows))], batch_size=4, episodes=2,
                             processor_path=str(build_tiny(tmp_path / "tiny", kind="text", seed=0)))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1000, logger=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=-1, logger=False)
     data.trainer = trainer
     data.setup("fit")
     assert trainer.max_steps == 5  # ceil(2 passes x 10 rows / 4 prompts per step)
+    given = L.Trainer(accelerator="cpu", max_steps=1, logger=False)
+    data.trainer = given
+    data.setup("fit")
+    assert given.max_steps == 1  # an explicit max_steps wins
     with pytest.raises(ValueError, match=r"--data.episodes: counts passes over one set of datasets"):
         PromptDataModule(stages=[Stage("a", [DatasetSpec(str(rows))], steps=2), Stage("b", [DatasetSpec(str(rows))])],
                          episodes=1)

@@ -229,9 +229,9 @@ class PromptDataModule(L.LightningDataModule):
             system_prompt: replaces every row's system message (None keeps the rows' own).
             few_shot: chat turns (e.g. worked examples) placed after the system message of every prompt.
             on_bad_row: "error" (stop, listing every bad row) or "skip" (drop and report them).
-            episodes: passes over the training rows (OpenRLHF's num_episodes); sets `trainer.max_steps` to
-                ceil(episodes x rows / batch_size) once the rows are loaded. Single-stage runs only; null = use
-                max_steps as given.
+            episodes: passes over the training rows (OpenRLHF's num_episodes); when `trainer.max_steps` is -1 it
+                becomes ceil(episodes x rows / batch_size) once the rows are loaded (a max_steps given explicitly
+                wins). Single-stage runs only.
         """
         super().__init__()
         if bool(datasets) == bool(stages):
@@ -301,7 +301,8 @@ class PromptDataModule(L.LightningDataModule):
                     raise ValueError(f"{spec.path}: no usable rows")
             self.train_rows = [cache[spec.path] for spec in self.train_specs]
             self.val_rows = [cache[spec.path] for spec in self.val]
-        if self.episodes is not None and stage in ("fit", None) and self.trainer is not None:
+        if (self.episodes is not None and stage in ("fit", None) and self.trainer is not None
+                and self.trainer.max_steps == -1):
             self.trainer.fit_loop.epoch_loop.max_steps = self.steps_for_episodes()  # before the loop starts
 
     def steps_for_episodes(self) -> int:
