@@ -230,3 +230,34 @@ def test_an_engine_with_its_own_weights_needs_the_weight_sync_callback(tiny_vl_p
     with pytest.raises(ValueError, match=r"--model.engine: OwnWeightsEngine samples from its own copy .* add the "
                                          r"callback lmmr1.callbacks.weight_sync.WeightSync"):
         trainer.fit(module, DataLoader([PromptProcessor(tiny_vl_path)(mixed_rows[2:])], batch_size=None))
+
+
+def test_concat_of_batches_with_different_prompt_and_response_lengths_keeps_rows_aligned(tiny_vl_path, mixed_rows):
+    """Dynamic sampling concatenates rollouts of different prompt batches: each row must keep its own tokens,
+    response mask, engine log-probs and images, and the policy must give it the same log-probs as before."""
+    from transformers import AutoTokenizer
+
+    proc = PromptProcessor(tiny_vl_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path, padding_side="left")
+    policy = Policy(str(tiny_vl_path))
+    engine = HFEngine()
+    engine.bind(policy, tokenizer)
+    parts = [Experience.from_rollout(batch, engine.generate(batch, SamplingConfig(n=2, max_new_tokens=t), seed=t),
+                                     tokenizer.pad_token_id)
+             for batch, t in ((proc(mixed_rows[:2]), 3), (proc(mixed_rows[2:]), 7))]  # images + text, 3 vs 7 tokens
+    assert parts[0].input_ids.shape[1] - parts[0].response_len != parts[1].input_ids.shape[1] - parts[1].response_len
+    merged = Experience.concat(parts)
+    with torch.no_grad():
+        together = policy.logprobs(**merged.model_inputs())[0]
+        for offset, part in ((0, parts[0]), (len(parts[0]), parts[1])):
+            alone = policy.logprobs(**part.model_inputs())[0]
+            for i in range(len(part)):
+                row, T = offset + i, part.response_len
+                real = merged.attention_mask[row].bool()
+                assert merged.input_ids[row][real].tolist() == part.input_ids[i][part.attention_mask[i].bool()].tolist()
+                assert torch.equal(merged.response_mask[row, :T], part.response_mask[i])
+                assert merged.response_mask[row, T:].sum() == 0
+                assert torch.equal(merged.rollout_logprobs[row, :T], part.rollout_logprobs[i])
+                assert merged.rows[row] is part.rows[i] and merged.pixel_values[row] is part.pixel_values[i]
+                mask = part.response_mask[i].bool()
+                torch.testing.assert_close(together[row, :T][mask], alone[i][mask], atol=1e-5, rtol=1e-5)
