@@ -231,7 +231,9 @@ def _materialize(spec: dict, mutation: tuple | None, extra: tuple, root: Path) -
         field = "image" if where == "image" else "message[0].content["
     elif name == "drop_answer":
         del raw["answer"]
-    elif name == "blank_answer":
+    elif name == "blank_answer":  # a Sokoban row (env / env_path) may have an empty answer, as LMM-R1's do
+        raw.pop("env", None)
+        raw.pop("env_path", None)
         raw["answer"] = ["", " ", "\n\t "][number % 3]
     elif name == "answer_wrong_type":
         raw["answer"] = [None, True, [1], {"a": 1}][number % 4]

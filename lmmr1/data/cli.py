@@ -2,10 +2,15 @@
 
     lmmr1 data make arith --n 256 --seed 0 --out data/arith [--difficulty 1-3] [--split train|val|test]
     lmmr1 data check data/arith/data.jsonl data/geometry/data.jsonl [--tokenizer models/tiny-vl]
+    lmmr1 data convert-sokoban sokoban_levels/ levels_xsb/
 
 `check` runs the same validation as training (`lmmr1.data.records`), prints a summary per file (rows,
 datasources, text vs image rows, images per row, image sizes, prompt token lengths with --tokenizer) and lists every
 bad row as `file:row: field: what is wrong`; the exit code is 1 when any row or file is bad.
+
+`convert-sokoban IN_DIR OUT_DIR` writes each gym-sokoban `.npy` grid of IN_DIR (LMM-R1's Sokoban levels, from its
+`gen_sokoban_tasks.py`) as OUT_DIR/<name>.xsb. Rows can keep pointing at the `.npy` files (the loader reads them);
+this is for users who want the levels in XSB. Files that are not levels are listed; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -115,6 +120,35 @@ def check(files: list[str], *, input_key: str = "message", label_key: str = "ans
     return 1 if failed else 0
 
 
+def convert_sokoban(in_dir: str, out_dir: str) -> int:
+    """Write every `*.npy` grid of `in_dir` as `out_dir/<name>.xsb`; returns the exit code (1 if any file is bad)."""
+    from lmmr1.envs.sokoban import read_level_text
+
+    source = Path(in_dir)
+    if not source.is_dir():
+        print(f"lmmr1 data convert-sokoban: {in_dir} is not a folder", file=sys.stderr)
+        return 2
+    files = sorted(source.glob("*.npy"))
+    if not files:
+        print(f"lmmr1 data convert-sokoban: no .npy files in {in_dir}", file=sys.stderr)
+        return 1
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    bad = []
+    for file in files:
+        try:
+            xsb = read_level_text(file)
+        except (OSError, ValueError) as e:
+            bad.append(f"{file}: {getattr(e, 'strerror', None) or e}")
+            continue
+        (target / f"{file.stem}.xsb").write_text(xsb + "\n", encoding="utf-8")
+    print(f"converted {len(files) - len(bad)} of {len(files)} levels from {source} to {target}")
+    if bad:
+        print(f"{len(bad)} files are not Sokoban levels:", file=sys.stderr)
+        print("\n".join(bad), file=sys.stderr)
+    return 1 if bad else 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmmr1 data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,7 +171,12 @@ def main(argv: list[str]) -> int:
     chk.add_argument("--label-key", default="answer", help="column holding the label")
     chk.add_argument("--tokenizer", default=None, help="model folder whose tokenizer measures prompt lengths")
     chk.add_argument("--no-image-check", action="store_true", help="skip opening and verifying every image")
+    conv = sub.add_parser("convert-sokoban", help="write the .npy Sokoban grids of a folder (LMM-R1's levels) as XSB")
+    conv.add_argument("in_dir", help="folder of .npy grids (gym-sokoban codes 0-5)")
+    conv.add_argument("out_dir", help="folder to write <name>.xsb files to")
     args = parser.parse_args(argv)
+    if args.command == "convert-sokoban":
+        return convert_sokoban(args.in_dir, args.out_dir)
     if args.command == "make":
         from lmmr1.data.synthetic import make as make_data
 

@@ -1,10 +1,11 @@
 """Load and validate data rows (JSONL, JSON list, Parquet) in the LMM-R1 row format, before any training starts.
 
 A row holds `message` (an OpenAI-style message list, or the same as a JSON string), `answer` (the label), optional
-`datasource`, and optional `env` / `env_path` (a Sokoban level in XSB text, or a file holding one). Image items are
-`{"type": "image", "image": <path | file:// URL | data: URL>}`; relative paths resolve against the data file's folder.
-Every row is checked up front and each problem is reported as `file:row: field: what is wrong`, so a bad image or an
-empty label fails in seconds with a pointer to the line, not hours into a run.
+`datasource`, and optional `env` / `env_path` (a Sokoban level in XSB text, or a file holding one: XSB text, or a
+gym-sokoban `.npy` grid as in LMM-R1's Sokoban data); a Sokoban row may leave `answer` empty, as LMM-R1's do. Image
+items are `{"type": "image", "image": <path | file:// URL | data: URL>}`; relative paths resolve against the data
+file's folder. Every row is checked up front and each problem is reported as `file:row: field: what is wrong`, so a
+bad image or an empty label fails in seconds with a pointer to the line, not hours into a run.
 
     rows = load_rows("data/geometry/data.jsonl")                      # raises DataError listing every bad row
     rows, problems = load_rows_report("data.jsonl", on_bad_row="skip")  # bad rows dropped, problems returned
@@ -237,8 +238,8 @@ def _normalize_row(raw: Any, base: Path, input_key: str, label_key: str,
         problems.append(f"{label_key}: must be a string, got {type(label).__name__}")
     elif isinstance(label, float) and not math.isfinite(label):
         problems.append(f"{label_key}: must be a string or a finite number, got {label}")
-    elif not str(label).strip():
-        problems.append(f"{label_key}: empty")
+    elif not str(label).strip() and row.get("env") is None and row.get("env_path") is None:
+        problems.append(f"{label_key}: empty")  # a Sokoban row is scored by its level, not by a label
     else:
         row["answer"] = str(label)
     if "datasource" in row and not isinstance(row["datasource"], str):
@@ -258,8 +259,8 @@ def _normalize_row(raw: Any, base: Path, input_key: str, label_key: str,
 
 
 def _load_env(row: dict[str, Any], base: Path) -> list[str]:
-    """Resolve `env_path` into `env` and check that `env` is a Sokoban level; returns problems."""
-    from lmmr1.envs.sokoban import Level
+    """Resolve `env_path` (XSB text or a `.npy` grid) into `env` (XSB) and check that it is a Sokoban level."""
+    from lmmr1.envs.sokoban import Level, read_level_text
 
     if row.get("env_path") is not None:
         if row.get("env") is not None:
@@ -271,7 +272,7 @@ def _load_env(row: dict[str, Any], base: Path) -> list[str]:
         except ValueError as e:
             return [f"env_path: {e}"]
         try:
-            row["env"] = path.read_text(encoding="utf-8")
+            row["env"] = read_level_text(path)  # a .npy grid is converted to XSB
         except (OSError, ValueError) as e:  # ValueError: the file is not UTF-8, or the name cannot be encoded
             return [f"env_path: cannot read {path}: {getattr(e, 'strerror', None) or e}"]
         row["env_path"] = str(path.resolve())
@@ -330,7 +331,7 @@ def load_rows(path: str | Path, *, input_key: str = "message", label_key: str = 
         check_images: open every image with PIL and verify it (turn off only for data you have checked).
 
     Returns rows with `message` a decoded list of {role, content} (content a str or a list of text/image items with
-    absolute paths or data: URLs), `answer` a str, `env` read from `env_path`, and `_where` = "file:row".
+    absolute paths or data: URLs), `answer` a str, `env` read from `env_path` (XSB), and `_where` = "file:row".
     """
     rows, _ = load_rows_report(path, input_key=input_key, label_key=label_key, on_bad_row=on_bad_row,
                                check_images=check_images)

@@ -3,7 +3,8 @@
 The Sokoban task of LMM-R1 (arXiv:2503.07536) asks a model to plan the whole move sequence from one screenshot; the
 reward replays the plan here. Levels use standard XSB text: `#` wall, space (or `-`/`_`) floor, `.` goal, `$` box,
 `@` player, `*` box on goal, `+` player on goal. Cells are (row, col) with (0, 0) top left; cells outside the grid
-count as walls. A move into a wall, or pushing a box into a wall or another box, does nothing.
+count as walls. A move into a wall, or pushing a box into a wall or another box, does nothing. LMM-R1's own Sokoban
+data stores each level as a gym-sokoban grid in a `.npy` file; `level_from_grid` / `read_level_text` read those.
 
     level = Level.from_xsb("#####\\n#@$.#\\n#####")
     play(level, parse_plan("right")).solved   # True
@@ -16,6 +17,8 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -114,6 +117,55 @@ class Level:
         return 0 <= p[0] < self.height and 0 <= p[1] < self.width and p not in self.walls
 
 
+# gym-sokoban's room_state codes, the cells of the `.npy` levels LMM-R1's generator writes
+# (examples/data/gen_sokoban_tasks.py saves `env.unwrapped.room_state`)
+GRID_CODES = {0: "#", 1: "-", 2: ".", 3: "*", 4: "$", 5: "@"}
+
+
+def level_from_grid(grid: Any) -> Level:
+    """The level a gym-sokoban grid holds: a 2-D array of codes 0 wall, 1 floor, 2 target, 3 box on target, 4 box,
+    5 player. The grid's size is kept (floor on its edges included); ValueError names a cell that is not a code.
+
+    >>> level_from_grid([[0, 0, 0, 0, 0], [0, 5, 4, 2, 0], [0, 0, 0, 0, 0]]).to_xsb()
+    '#####\\n#@$.#\\n#####'
+    """
+    import numpy as np
+
+    array = np.asarray(grid)
+    if array.ndim != 2 or not array.size:
+        raise ValueError(f"a Sokoban grid is a non-empty 2-D array of cell codes, got shape {array.shape}")
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"a Sokoban grid holds numeric cell codes 0-5, got dtype {array.dtype}")
+    lines = []
+    for r, row in enumerate(array.tolist()):
+        cells = [GRID_CODES.get(code) for code in row]  # 4.0 finds 4; NaN and 7 find nothing
+        if None in cells:
+            c = cells.index(None)
+            raise ValueError(f"grid row {r + 1}, column {c + 1}: {row[c]!r} is not a cell code (0 wall, 1 floor, "
+                             f"2 target, 3 box on target, 4 box, 5 player)")
+        lines.append("".join(cells))  # floor as `-`: from_xsb keeps every row and column, blank edges included
+    return Level.from_xsb("\n".join(lines))
+
+
+def read_level_text(path: str | Path) -> str:
+    """XSB text of a level file: a gym-sokoban `.npy` grid (LMM-R1's Sokoban data), or else XSB text (UTF-8).
+
+    Raises OSError when the file cannot be read and ValueError when it holds no level.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".npy":
+        return path.read_text(encoding="utf-8")
+    import numpy as np
+
+    try:
+        grid = np.load(path, allow_pickle=False)  # no pickles: loading one can run code
+    except (ValueError, EOFError) as e:
+        raise ValueError(f"not a .npy array ({e})") from None
+    if not isinstance(grid, np.ndarray):  # an .npz archive under a .npy name
+        raise ValueError("not a .npy array (an .npz archive?)")
+    return level_from_grid(grid).to_xsb()
+
+
 @dataclass
 class PlayResult:
     """Outcome of replaying a plan: the final state and what the reward needs."""
@@ -158,23 +210,30 @@ def _direction(move: str) -> Pos:
     return DIRECTIONS[name]
 
 
+def step(level: Level, player: Pos, boxes: set[Pos], move: str) -> Pos | None:
+    """One move from `player` with `boxes` (updated in place on a push): the new player cell, or None when blocked."""
+    dr, dc = _direction(move)
+    target = (player[0] + dr, player[1] + dc)
+    if not level.is_free(target):
+        return None
+    if target in boxes:
+        beyond = (target[0] + dr, target[1] + dc)
+        if not level.is_free(beyond) or beyond in boxes:
+            return None
+        boxes.remove(target)
+        boxes.add(beyond)
+    return target
+
+
 def play(level: Level, moves: Sequence[str]) -> PlayResult:
     """Replay `moves` (words, any case, or single LURD letters) from `level`; blocked moves are no-ops."""
     player, boxes, noop = level.player, set(level.boxes), 0
     for move in moves:
-        dr, dc = _direction(move)
-        target = (player[0] + dr, player[1] + dc)
-        if not level.is_free(target):
+        moved = step(level, player, boxes, move)
+        if moved is None:
             noop += 1
-            continue
-        if target in boxes:
-            beyond = (target[0] + dr, target[1] + dc)
-            if not level.is_free(beyond) or beyond in boxes:
-                noop += 1
-                continue
-            boxes.remove(target)
-            boxes.add(beyond)
-        player = target
+        else:
+            player = moved
     final = Level(level.walls, level.goals, frozenset(boxes), player, level.height, level.width)
     on_goals = len(final.boxes & final.goals)
     return PlayResult(final, on_goals, len(boxes), final.solved, noop, len(moves))

@@ -9,6 +9,8 @@ from lmmr1.rewards.base import Reward, RewardOutput
 from lmmr1.rewards.build import BUILTINS, build_reward
 from lmmr1.rewards.composite import MathReward, RoutedReward, WeightedSum
 from lmmr1.rewards.format import FormatReward
+from lmmr1.rewards.lmm_r1_math import LmmR1MathReward
+from lmmr1.rewards.lmm_r1_sokoban import LmmR1SokobanReward
 from lmmr1.rewards.plugin import PluginReward
 from lmmr1.rewards.remote import RemoteReward, RequestRefused, RewardServerError
 from lmmr1.rewards.sokoban import SokobanReward
@@ -18,6 +20,8 @@ __all__ = [
     "BUILTINS",
     "AccuracyReward",
     "FormatReward",
+    "LmmR1MathReward",
+    "LmmR1SokobanReward",
     "MathReward",
     "PluginReward",
     "RemoteReward",

@@ -2,9 +2,11 @@
 
 Accepted specs:
 - a built-in name: `format`, `accuracy`, `math` (0.5*format + 1.0*accuracy, LMM-R1's weights), `sokoban`
-  (0.5*format + 1.0*solved);
+  (0.5*format + 1.0*solved); LMM-R1's own verifiers, rule for rule: `lmm_r1_math`, `lmm_r1_sokoban`, and `lmm_r1`
+  (rows holding a level to `lmm_r1_sokoban`, the rest to `lmm_r1_math`);
 - a plug-in `path/to/file.py:fn` or `package.module:fn` (see `plugin.py`);
-- a URL `http://host:port` of a reward server (see `remote.py`);
+- a URL `http://host:port` of a reward server (see `remote.py`); a URL ending in `/get_reward` is an OpenRLHF-style
+  server (LMM-R1's verifiers), spoken to in that protocol;
 - a path to a YAML file holding any mapping below (plug-in paths in it resolve against the file's folder);
 - a mapping, e.g.
     {"routes": {"geo*": ["format", "math"], "sokoban": ["format", "sokoban"], "*": "math"},
@@ -14,7 +16,8 @@ Accepted specs:
   1.0), a finite number; a weight for a component no route uses is an error (a typo would keep the default);
   `options[name]` are constructor arguments of that component's class. Without routes, `{"reward": <name or list>,
   "weights": ..., "options": ...}` builds one weighted sum. `{"url": ..., "timeout": ..., "retries": ..., "backoff":
-  ..., "token": ...}` builds the remote client (better than `token`: the LMMR1_REWARD_TOKEN environment variable), and
+  ..., "token": ..., "protocol": "lmmr1" | "openrlhf", "prompt_template": ...}` builds the remote client (better than
+  `token`: the LMMR1_REWARD_TOKEN environment variable), and
   `{"class_path": ..., "init_args": {...}}` any Reward class;
 - a Reward object, returned as is.
 
@@ -34,16 +37,20 @@ from lmmr1.rewards.accuracy import AccuracyReward
 from lmmr1.rewards.base import Reward
 from lmmr1.rewards.composite import MathReward, RoutedReward, WeightedSum
 from lmmr1.rewards.format import FormatReward
+from lmmr1.rewards.lmm_r1_math import LmmR1MathReward
+from lmmr1.rewards.lmm_r1_sokoban import LmmR1SokobanReward
 from lmmr1.rewards.plugin import PluginReward
 from lmmr1.rewards.remote import RemoteReward
 from lmmr1.rewards.sokoban import SokobanReward
 
-COMPONENTS: dict[str, type[Reward]] = {"format": FormatReward, "accuracy": AccuracyReward, "solved": SokobanReward}
-DEFAULT_WEIGHTS = {"format": 0.5, "accuracy": 1.0, "solved": 1.0}
+COMPONENTS: dict[str, type[Reward]] = {"format": FormatReward, "accuracy": AccuracyReward, "solved": SokobanReward,
+                                       "lmm_r1_math": LmmR1MathReward, "lmm_r1_sokoban": LmmR1SokobanReward}
+DEFAULT_WEIGHTS = {"format": 0.5, "accuracy": 1.0, "solved": 1.0}  # the lmm_r1_* rewards weigh their own parts: 1.0
 PRESETS = {"math": ["format", "accuracy"], "sokoban": ["format", "solved"]}
-BUILTINS = ["format", "accuracy", "math", "sokoban"]
-_MAPPING_KEYS = {"routes", "weights", "options", "key", "reward", "url", "timeout", "retries", "backoff", "token",
-                 "class_path", "init_args"}
+LMM_R1_ROUTES = {"has:env": "lmm_r1_sokoban", "*": "lmm_r1_math"}  # the `lmm_r1` name: each row to its verifier
+BUILTINS = ["format", "accuracy", "math", "sokoban", "lmm_r1_math", "lmm_r1_sokoban", "lmm_r1"]
+_REMOTE_KEYS = ("timeout", "retries", "backoff", "token", "protocol", "prompt_template")
+_MAPPING_KEYS = {"routes", "weights", "options", "key", "reward", "url", "class_path", "init_args", *_REMOTE_KEYS}
 
 
 def _choices() -> str:
@@ -130,7 +137,7 @@ def _from_mapping(spec: Mapping[str, Any], base_dir: str) -> Reward:
             raise ValueError(f"class_path: {spec['class_path']!r} is not a Reward class")
         return cls(**(spec.get("init_args") or {}))
     if "url" in spec:
-        extra = {k: spec[k] for k in ("timeout", "retries", "backoff", "token") if k in spec}
+        extra = {k: spec[k] for k in _REMOTE_KEYS if k in spec}
         return RemoteReward(str(spec["url"]), **extra)
     builder = _Builder(spec.get("weights"), spec.get("options"), base_dir)
     if "routes" in spec:
@@ -158,12 +165,14 @@ def build_reward(spec: str | Mapping[str, Any] | Reward, base_dir: str = ".") ->
     spec = spec.strip()
     if spec == "math":
         return MathReward()
-    if spec in ("format", "accuracy"):
+    if spec in ("format", "accuracy", "lmm_r1_math", "lmm_r1_sokoban"):
         return COMPONENTS[spec]()
+    if spec == "lmm_r1":
+        return _from_mapping({"routes": LMM_R1_ROUTES}, base_dir)
     if spec == "sokoban":
         return _Builder(None, None, base_dir).weighted("sokoban")
     if spec.startswith(("http://", "https://")):
-        return RemoteReward(spec)
+        return RemoteReward(spec, protocol="openrlhf" if spec.rstrip("/").endswith("/get_reward") else "lmmr1")
     if spec.endswith((".yaml", ".yml")):
         return _from_yaml(spec)
     if ":" in spec:

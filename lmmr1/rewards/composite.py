@@ -2,8 +2,9 @@
 
 How rewards combine is config, not code (STYLE.md R6): `WeightedSum` adds member totals with weights and keeps every
 member's components; `RoutedReward` sends each row to the reward of the first pattern (fnmatch) that its datasource
-matches and fills NaN into components that do not apply to a row. `check_rows` finds uncovered datasources before
-training starts rather than mid-run. `MathReward` is LMM-R1's weighting: 0.5 * format + 1.0 * accuracy.
+matches, or of a `has:<field>` rule for a field it holds, and fills NaN into components that do not apply to a row.
+`check_rows` finds uncovered datasources before training starts rather than mid-run. `MathReward` is LMM-R1's
+weighting: 0.5 * format + 1.0 * accuracy.
 
 >>> from lmmr1.rewards.format import FormatReward
 >>> out = WeightedSum([FormatReward()], [0.5])(["<think>a</think><answer>1</answer>"], [{}])
@@ -21,6 +22,8 @@ from typing import Any
 from lmmr1.rewards.accuracy import AccuracyReward
 from lmmr1.rewards.base import NAN, Reward, RewardOutput, check_lengths, where
 from lmmr1.rewards.format import FormatReward
+
+HAS = "has:"  # route pattern prefix: `has:env` matches rows holding an `env` field
 
 
 def _finite(weight: Any, name: str) -> float:
@@ -84,7 +87,10 @@ class RoutedReward(Reward):
     """Scores each row with the reward of the first pattern its `key` field (default `datasource`) matches.
 
     Patterns are shell-style (`geo*`, `sokoban`), tried in the given order except a bare `*`, which is always tried
-    last so that a catch-all never shadows a specific route. A row without the field matches only `*`.
+    last so that a catch-all never shadows a specific route. A row without the field matches only `*` and `has:`
+    rules. `has:<field>` matches rows where that field is present and not empty, whatever their datasource: LMM-R1's
+    Sokoban rows have no datasource, so `{"has:env": "lmm_r1_sokoban", "*": "lmm_r1_math"}` routes them by their
+    level (the loaders fill `env` from `env_path`).
     """
 
     name = "routed"
@@ -98,7 +104,8 @@ class RoutedReward(Reward):
     def route(self, row: Mapping[str, Any]) -> str | None:
         """The pattern that covers `row`, or None."""
         value = str(row.get(self.key) or "")
-        return next((p for p in self.routes if fnmatch.fnmatchcase(value, p)), None)
+        return next((p for p in self.routes if (row.get(p[len(HAS):]) not in (None, "") if p.startswith(HAS)
+                                                else fnmatch.fnmatchcase(value, p))), None)
 
     def _uncovered(self, row: Mapping[str, Any], index: int) -> ValueError:
         return ValueError(f"{where(row, index)}: {self.key} {row.get(self.key)!r} matches no reward route "

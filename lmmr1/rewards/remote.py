@@ -10,6 +10,11 @@ and 413 (a request over the server's size limit), which are about the setup, not
 wants one, is sent as `Authorization: Bearer <token>`: from `token`, else from the `LMMR1_REWARD_TOKEN` environment
 variable (prefer the variable: a config's `token` is saved with the run).
 
+With `protocol="openrlhf"` the client speaks OpenRLHF's remote reward protocol instead (see `openrlhf.py`): `url` is
+the full endpoint (LMM-R1's verifiers: `http://127.0.0.1:5000/get_reward`), each batch is one POST of
+`{"query", "prompts", "labels"}` answered by `{"rewards"}`, and `check_rows` checks nothing (there is no such
+endpoint). Timeouts, retries and the token work as above.
+
 Run a server: lmmr1 serve-reward --reward math --host 127.0.0.1 --port 8000
 """
 
@@ -27,6 +32,7 @@ from lmmr1.rewards.base import Reward, RewardOutput, check_lengths
 TOKEN_ENV = "LMMR1_REWARD_TOKEN"  # the shared token, read by both `lmmr1 serve-reward` and `RemoteReward`
 MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts, however many retries are configured
 CHECK_CHUNK = 1024  # rows per /check_rows request
+PROTOCOLS = ("lmmr1", "openrlhf")  # ours (/score, /check_rows) and OpenRLHF's remote reward model (one endpoint)
 
 
 class RewardServerError(RuntimeError):
@@ -77,9 +83,15 @@ class RemoteReward(Reward):
     name = "remote"
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 token: str | None = None) -> None:
+                 token: str | None = None, protocol: str = "lmmr1", prompt_template: str = "chatml") -> None:
+        from lmmr1.rewards.openrlhf import template
+
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url: {url!r} must start with http:// or https://")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {protocol!r} is not one of {list(PROTOCOLS)}")
+        template(prompt_template)  # ValueError naming the choices
+        self.protocol, self.prompt_template = protocol, prompt_template
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if backoff < 0:
@@ -139,10 +151,17 @@ class RemoteReward(Reward):
 
     def __call__(self, responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> RewardOutput:
         check_lengths(responses, rows)
+        if self.protocol == "openrlhf":
+            from lmmr1.rewards import openrlhf
+
+            payload = openrlhf.request(responses, rows, self.prompt_template)
+            return self._post("", payload, lambda body: openrlhf.parse_answer(body, len(responses)))
         payload = {"responses": list(responses), "rows": jsonable_rows(rows)}
         return self._post("/score", payload, lambda body: parse_output(body, len(responses)))
 
     def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.protocol == "openrlhf":  # OpenRLHF servers have no endpoint for it
+            return
         for start in range(0, len(rows), CHECK_CHUNK):  # every training row: chunks stay under the server's limits
             self._post("/check_rows", {"rows": jsonable_rows(rows[start:start + CHECK_CHUNK])}, lambda body: body)
 

@@ -49,16 +49,18 @@ def _scoring_row(item: Any, at: str, folder: str) -> tuple[dict[str, Any], list[
         elif not isinstance(row["answer"], str):
             problems.append("answer: not a string")
     if isinstance(row.get("message"), str):
+        row["_prompt"] = row["message"]  # the string OpenRLHF would send a reward server as `prompts`
         try:
             row["message"] = json.loads(row["message"])
         except (RecursionError, ValueError) as e:  # JSONDecodeError, or an integer beyond the int/str digit limit
             problems.append(f"message: not valid JSON ({getattr(e, 'msg', None) or 'nested too deeply or too long'})")
     if "env_path" in row and "env" not in row:
+        from lmmr1.envs.sokoban import read_level_text
+
         env_file = os.path.join(folder, str(row["env_path"]))
         try:
-            with open(env_file, encoding="utf-8") as f:
-                row["env"] = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+            row["env"] = read_level_text(env_file)  # XSB text, or a .npy grid (LMM-R1's Sokoban data) as XSB
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not a level grid
             problems.append(f"env_path: cannot read {env_file}: {getattr(e, 'strerror', None) or e}")
     return row, problems
 
@@ -143,8 +145,9 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="lmmr1 score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward", required=True, help="built-in name (format, accuracy, math, sokoban), plug-in "
-                                                        "file.py:fn or package.module:fn, YAML config, or server URL")
+    parser.add_argument("--reward", required=True, help="built-in name (format, accuracy, math, sokoban, lmm_r1_math, "
+                                                        "lmm_r1_sokoban, lmm_r1), plug-in file.py:fn or "
+                                                        "package.module:fn, YAML config, or server URL")
     parser.add_argument("--input", required=True, help="JSONL, .json list or .parquet rows holding `response`")
     parser.add_argument("--output", required=True, help="JSONL file to write")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -6,6 +6,17 @@
 Endpoints: GET /health, POST /score, POST /check_rows (wire format in `lmmr1/rewards/remote.py`). A reward's
 ValueError (e.g. a row it cannot score) answers 400 with the message; anything else answers 500.
 
+With --protocol openrlhf it also answers OpenRLHF's remote reward requests (what `--remote_rm_url` points at, and
+LMM-R1's verifier servers answer), so an OpenRLHF/LMM-R1 run can score with any lmmr1 reward:
+
+    lmmr1 serve-reward --protocol openrlhf --reward lmm_r1_math --port 5000     # --remote_rm_url .../get_reward
+    lmmr1 serve-reward --protocol openrlhf --reward lmm_r1 --dataset sokoban.jsonl --port 5000
+
+POST /get_reward `{"query": [...], "prompts": [...], "labels": [...]}` answers `{"rewards": [...]}` plus each
+component as a list. The response is cut out of each query after the --prompt-template's assistant prefix; the row is
+`{"message": prompt, "answer": label}`, or with --dataset the data row whose input column equals the prompt (how a
+Sokoban row finds its level), its answer replaced by a non-empty label (see `lmmr1/rewards/openrlhf.py`).
+
 Security: the reward (a plug-in above all) is code that runs with this process's rights, on inputs the clients send.
 The server listens on 127.0.0.1 unless --host says otherwise. With a token (--token, or the LMMR1_REWARD_TOKEN
 environment variable, which `ps` does not show) every request, /health included, must carry
@@ -87,10 +98,11 @@ class RequestGuard:
 
 
 def create_app(reward: Reward, token: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
-               max_batch: int = DEFAULT_MAX_BATCH) -> Any:
+               max_batch: int = DEFAULT_MAX_BATCH, openrlhf: dict[str, Any] | None = None) -> Any:
     """An ASGI app scoring with `reward`, behind `RequestGuard`. Endpoints are sync, so FastAPI runs them in its thread
     pool (the math worker pool is thread-safe). No `from __future__ import annotations` in this file: FastAPI must see
-    the local request models as classes, not strings."""
+    the local request models as classes, not strings. `openrlhf` ({"template": name, "index": DatasetIndex | None})
+    adds POST /get_reward, OpenRLHF's protocol."""
     from fastapi import FastAPI, HTTPException
     from pydantic import BaseModel
 
@@ -127,6 +139,9 @@ def create_app(reward: Reward, token: str | None = None, max_request_mb: float =
         return {"total": to_wire(out.total), "components": {k: to_wire(v) for k, v in out.components.items()},
                 "stats": out.stats}
 
+    if openrlhf is not None:
+        _add_openrlhf_route(app, reward, check_batch, **openrlhf)
+
     @app.post("/check_rows")
     def check_rows(request: CheckRequest) -> dict[str, str]:  # cheap per row: bounded by --max-request-mb alone
         try:
@@ -136,6 +151,32 @@ def create_app(reward: Reward, token: str | None = None, max_request_mb: float =
         return {"status": "ok"}
 
     return RequestGuard(app, token, max_request_mb)
+
+
+def _add_openrlhf_route(app: Any, reward: Reward, check_batch: Any, template: str = "chatml",
+                        index: Any = None) -> None:
+    from fastapi import HTTPException
+    from pydantic import BaseModel
+
+    from lmmr1.rewards import openrlhf
+
+    openrlhf.template(template)
+
+    class OpenRLHFRequest(BaseModel):
+        query: list[str]
+        prompts: list[Any] | None = None
+        labels: list[Any] | None = None
+
+    @app.post("/get_reward")
+    def get_reward(request: OpenRLHFRequest) -> dict[str, Any]:
+        check_batch(len(request.query))
+        try:
+            rows = openrlhf.rows_for(request.prompts, request.labels, len(request.query), index)
+            responses = [openrlhf.response_from_query(q, template) for q in request.query]
+            out = reward(responses, rows)
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+        return openrlhf.answer(out)
 
 
 def resolve_token(flag: str | None) -> str | None:
@@ -166,15 +207,41 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help="/score requests with more responses are answered 400 (default: %(default)d)")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--protocol", choices=["lmmr1", "openrlhf"], default="lmmr1",
+                        help="openrlhf: also answer POST /get_reward as OpenRLHF's remote reward model does")
+    parser.add_argument("--prompt-template", default="chatml",
+                        help="openrlhf: chat template of the queries (chatml, qwen1, base, phi3, phi4, gemma3)")
+    parser.add_argument("--dataset", default=None,
+                        help="openrlhf: data file(s), comma-separated, whose rows requests are joined to by prompt "
+                             "(needed for Sokoban rows: their level is in env_path)")
+    parser.add_argument("--input-key", default="message", help="openrlhf: the data files' input column")
+    parser.add_argument("--label-key", default="answer", help="openrlhf: the data files' label column")
     args = parser.parse_args(argv)
     try:
         token = resolve_token(args.token)
+        openrlhf = None
+        if args.protocol == "openrlhf":
+            from lmmr1.rewards.openrlhf import DatasetIndex, template
+
+            template(args.prompt_template)
+            index = None if not args.dataset else DatasetIndex(
+                [p.strip() for p in args.dataset.split(",") if p.strip()], args.input_key, args.label_key)
+            openrlhf = {"template": args.prompt_template, "index": index}
+        elif args.dataset:
+            raise ValueError("--dataset is for --protocol openrlhf")
         reward = build_reward(args.reward)
     except ValueError as e:
         print(f"lmmr1 serve-reward: error: {e}", file=sys.stderr)
         return 2
+    if openrlhf is not None and openrlhf["index"] is not None:
+        try:  # a dataset row the reward cannot score fails now, not at the first request for it
+            reward.check_rows(openrlhf["index"].rows)
+        except ValueError as e:
+            reward.close()
+            print(f"lmmr1 serve-reward: error: --dataset: {e}", file=sys.stderr)
+            return 2
     try:
-        app = create_app(reward, token, args.max_request_mb, args.max_batch)
+        app = create_app(reward, token, args.max_request_mb, args.max_batch, openrlhf)
     except ValueError as e:
         reward.close()
         print(f"lmmr1 serve-reward: error: {e}", file=sys.stderr)

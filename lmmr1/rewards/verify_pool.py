@@ -18,6 +18,7 @@ hence this small pool.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import multiprocessing
@@ -34,6 +35,7 @@ OK, LABEL_PARSE_FAILURE, TIMEOUT, CRASH = "ok", "label_parse_failure", "timeout"
 MAX_TRIES = 2  # verifications of one item whose worker died under it; the last death scores it 0 with status CRASH
 MAX_STARTUP_KILLS = 3  # workers killed by a signal while starting that one call replaces before giving up
 _MATH_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
+DEFAULT_VERIFIER = f"{__name__}:verify_item"
 
 
 def _parse(text: str) -> list:
@@ -73,10 +75,16 @@ def verify_item(label: str, prediction: str) -> tuple[float, str]:
     return float(verify(gold, pred, timeout_seconds=None)), OK
 
 
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: import and warm up math-verify, say "ready", then answer (job_id, label, pred) messages."""
+def _resolve(verifier: str):  # noqa: ANN202 - the (label, prediction) -> (score, status) function
+    module, _, name = verifier.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _worker_main(conn: Connection, verifier: str = DEFAULT_VERIFIER) -> None:
+    """Worker loop: import and warm up the verifier, say "ready", then answer (job_id, label, pred) messages."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warnings are expected here
-    verify_item("1", "1")
+    verify = _resolve(verifier)
+    verify("1", "1")
     conn.send(("ready", None))
     while True:
         try:
@@ -87,16 +95,16 @@ def _worker_main(conn: Connection) -> None:
             return
         job_id, label, prediction = message
         try:
-            result = verify_item(label, prediction)
+            result = verify(label, prediction)
         except Exception:  # noqa: BLE001 - any failure inside math-verify/sympy scores 0, never kills the batch
             result = (0.0, OK)
         conn.send((job_id, result))
 
 
 class _Worker:
-    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+    def __init__(self, context: multiprocessing.context.BaseContext, verifier: str) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child,), daemon=True, name="lmmr1-verify")
+        self.process = context.Process(target=_worker_main, args=(child, verifier), daemon=True, name="lmmr1-verify")
         self.process.start()
         child.close()
         self.started = time.monotonic()
@@ -133,10 +141,14 @@ def _shutdown(workers: list[_Worker]) -> None:
 
 
 class VerifyPool:
-    """`workers` processes verifying (label, prediction) pairs with a hard `timeout` in seconds per item."""
+    """`workers` processes verifying (label, prediction) pairs with a hard `timeout` in seconds per item.
+
+    `verifier` ("module:function") is the function the workers run, `verify_item` by default; any other must take
+    (label, prediction) and return (score, status) like it, e.g. LMM-R1's rules in `lmm_r1_math.verify_reference`.
+    """
 
     def __init__(self, workers: int | None = None, timeout: float = 5.0, start_method: str | None = None,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, verifier: str = DEFAULT_VERIFIER) -> None:
         if workers is None:
             workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
         if workers < 1:
@@ -145,8 +157,10 @@ class VerifyPool:
             raise ValueError(f"timeout must be > 0 seconds and finite, got {timeout}")
         if start_method is None:  # forkserver: replacements fork from a server that has math-verify imported already
             start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        if not isinstance(verifier, str) or ":" not in verifier:
+            raise ValueError(f"verifier must be 'module:function', got {verifier!r}")
         self.workers, self.timeout = workers, timeout
-        self.start_method, self.startup_timeout = start_method, startup_timeout
+        self.start_method, self.startup_timeout, self.verifier = start_method, startup_timeout, verifier
         self._setup()
 
     def _setup(self) -> None:
@@ -156,7 +170,7 @@ class VerifyPool:
         self._finalizer = weakref.finalize(self, _shutdown, self._pool)
 
     def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in ("workers", "timeout", "start_method", "startup_timeout")}
+        return {k: self.__dict__[k] for k in ("workers", "timeout", "start_method", "startup_timeout", "verifier")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -184,8 +198,8 @@ class VerifyPool:
     def _start_worker(self) -> _Worker:
         context = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":  # only takes effect if this process has not started its forkserver yet
-            context.set_forkserver_preload(["math_verify", "sympy", __name__])
-        return _Worker(context)
+            context.set_forkserver_preload(["math_verify", "sympy", __name__, self.verifier.partition(":")[0]])
+        return _Worker(context, self.verifier)
 
     def _run(self, items: list[tuple[str, str]]) -> PoolRun:
         while len(self._pool) < self.workers:
