@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -56,3 +57,53 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, port: int | None = None):  # noqa: ANN001, ANN201 - a FastAPI app; yields its base URL
+    """Serve `app` with uvicorn in a thread on 127.0.0.1 until the block ends."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "reward server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def sample_experience(model: Path, rows: list[dict], n: int, max_new_tokens: int, seed: int):  # noqa: ANN201
+    """An Experience sampled from the model folder's policy with the HF engine (what a rollout would hand over)."""
+    from transformers import AutoTokenizer
+
+    from lmmr1.data.processor import PromptProcessor
+    from lmmr1.modules.experience import Experience
+    from lmmr1.modules.policy import Policy
+    from lmmr1.rollout.base import SamplingConfig
+    from lmmr1.rollout.hf import HFEngine
+
+    prompts = PromptProcessor(model)(rows)
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+    engine = HFEngine()
+    engine.bind(Policy(str(model)), tokenizer)
+    completions = engine.generate(prompts, SamplingConfig(n=n, max_new_tokens=max_new_tokens), seed=seed)
+    return Experience.from_rollout(prompts, completions, tokenizer.pad_token_id)

@@ -24,6 +24,7 @@ from lmmr1.modules.rl_module import RLModule, Rollout
 from lmmr1.rewards import Reward, RewardOutput
 from lmmr1.rollout.base import SamplingConfig
 from lmmr1.rollout.hf import HFEngine
+from tests.conftest import sample_experience
 from tests.test_fit_e2e import LengthReward
 
 
@@ -31,15 +32,8 @@ from tests.test_fit_e2e import LengthReward
 @pytest.fixture(scope="module")
 def fixed(tiny_vl_path) -> tuple[Experience, RewardOutput]:
     """8 samples (2 prompts x 4) sampled from the tiny model, uneven random rewards; rows 1 and 6 truncated."""
-    from transformers import AutoTokenizer
-
     rows = [{"message": [{"role": "user", "content": f"What is {i} + 3?"}], "answer": str(i + 3)} for i in range(2)]
-    prompts = PromptProcessor(tiny_vl_path)(rows)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path, padding_side="left")
-    engine = HFEngine()
-    engine.bind(Policy(str(tiny_vl_path)), tokenizer)
-    exp = Experience.from_rollout(prompts, engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=6), seed=1),
-                                  tokenizer.pad_token_id)
+    exp = sample_experience(tiny_vl_path, rows, n=4, max_new_tokens=6, seed=1)
     exp.truncated = torch.tensor([i in (1, 6) for i in range(len(exp))])
     scores = RewardOutput(torch.rand(len(exp), generator=torch.Generator().manual_seed(0)).tolist(), {}, {})
     return exp, scores

@@ -4,9 +4,6 @@ and batch-length limits answered 413/400 before the reward runs, and the client'
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import types
 
 import httpx
@@ -18,6 +15,7 @@ from lmmr1.rewards import remote as remote_module
 from lmmr1.rewards import server as server_module
 from lmmr1.rewards.score import main as score_main
 from lmmr1.rewards.server import create_app, main
+from tests.conftest import serving
 
 TOKEN = "t0ken-for-tests"
 GOOD = "<think>t</think><answer>1</answer>"
@@ -44,20 +42,9 @@ class _Calls:
 @pytest.fixture(scope="module")
 def served():
     reward = _Calls(build_reward("format"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(reward, token=TOKEN, max_request_mb=LIMIT_MB, max_batch=MAX_BATCH)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "reward server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", reward
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url, reward
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import time
 
@@ -20,15 +19,10 @@ from PIL import Image
 from lmmr1.data.records import load_rows
 from lmmr1.rewards import RemoteReward, build_reward
 from lmmr1.rewards.server import main as serve_main
+from tests.conftest import free_port
 
 SYSTEM = "Think in <think> </think>, answer in <answer> </answer> with \\boxed{}."
 PAD = "<|endoftext|>"  # OpenRLHF decodes padded sequences with their special tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def openrlhf_query(message: list[dict], response: str) -> str:

@@ -5,40 +5,23 @@ from __future__ import annotations
 import http.server
 import json
 import math
-import socket
 import threading
-import time
 
 import pytest
-import uvicorn
 
 from lmmr1.rewards import RemoteReward, build_reward
 from lmmr1.rewards.server import create_app, main
+from tests.conftest import free_port, serving
 
 GOOD = "<think>t</think><answer>{}</answer>"
 CORRIDOR = "#####\n#@$.#\n#####"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url():
     reward = build_reward({"routes": {"sokoban": ["format", "sokoban"], "*": "format"}})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(reward), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "reward server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(reward)) as url:
+        yield url
     reward.close()
 
 

@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmmr1.data.processor import PromptProcessor
-from lmmr1.modules.experience import Experience
 from lmmr1.modules.policy import Policy
 from lmmr1.rewards.base import RewardOutput
 from lmmr1.rollout.base import SamplingConfig
-from lmmr1.rollout.hf import HFEngine
+from tests.conftest import sample_experience
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["grpo:token-mean", "reinforce_baseline:seq-mean-token-mean"]
@@ -34,12 +32,8 @@ def experience(tiny_vl_path, tmp_path_factory) -> Path:
 
     rows = [{"message": [{"role": "user", "content": f"What is {i} + {i + 3}?"}], "answer": str(2 * i + 3)}
             for i in range(4)]
-    prompts = PromptProcessor(tiny_vl_path)(rows)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path, padding_side="left")
-    engine = HFEngine()
-    engine.bind(Policy(str(tiny_vl_path)), tokenizer)
-    exp = Experience.from_rollout(prompts, engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=8), seed=3),
-                                  tokenizer.pad_token_id)
+    exp = sample_experience(tiny_vl_path, rows, n=4, max_new_tokens=8, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path)
     prompt_len = exp.input_ids.shape[1] - exp.response_len
     for i in range(len(exp)):  # uneven lengths, so token-mean and seq-mean differ and shares matter
         length = 1 + (i * 5) % 8
