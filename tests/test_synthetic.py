@@ -17,7 +17,7 @@ from lmmr1.data.synthetic import GENERATORS, levels_of, make, split_of
 from lmmr1.envs.sokoban import Level, parse_plan, play, solve
 
 KINDS = sorted(GENERATORS)
-N = {"arith": 12, "image-arith": 6, "geometry": 10, "sokoban": 5, "numbers": 12, "shapes": 6}
+N = {"arith": 12, "image-arith": 6, "geometry": 10, "sokoban": 5, "sokoban-agent": 3, "numbers": 12, "shapes": 6}
 
 
 def _rows(path: Path) -> list[dict]:

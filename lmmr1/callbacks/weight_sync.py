@@ -27,7 +27,11 @@ from lmmr1.rollout.base import RolloutEngine, SamplingConfig
 
 
 def holds_own_weights(engine: RolloutEngine) -> bool:
-    """Engines that share the policy's weights (HFEngine) keep the base class's no-op `update_weights`."""
+    """Engines that share the policy's weights (HFEngine) keep the base class's no-op `update_weights`; a wrapping
+    engine (the multi-turn engine's `inner`) holds what the engine it wraps holds."""
+    inner = getattr(engine, "inner", None)
+    if isinstance(inner, RolloutEngine):
+        return holds_own_weights(inner)
     return type(engine).update_weights is not RolloutEngine.update_weights
 
 

@@ -44,20 +44,23 @@ class Experience:
         response = torch.full((len(flat), T), pad_id, dtype=torch.long)
         response_mask = torch.zeros(len(flat), T)
         rollout_logprobs = torch.zeros(len(flat), T)
+        response_attention = torch.zeros(len(flat), T, dtype=torch.long)
         for row, (_, c) in enumerate(flat):
             response[row, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-            response_mask[row, : len(c.token_ids)] = 1
+            response_attention[row, : len(c.token_ids)] = 1
+            # a multi-turn episode's environment tokens are attended to but get no gradient
+            response_mask[row, : len(c.token_ids)] = 1 if c.loss_mask is None else torch.tensor(c.loss_mask)
             rollout_logprobs[row, : len(c.logprobs)] = torch.tensor(c.logprobs)
         return cls(
             input_ids=torch.cat([prompts.input_ids[index], response], dim=1),
-            attention_mask=torch.cat([prompts.attention_mask[index], response_mask.long()], dim=1),
+            attention_mask=torch.cat([prompts.attention_mask[index], response_attention], dim=1),
             response_mask=response_mask,
             rollout_logprobs=rollout_logprobs,
             truncated=torch.tensor([c.finish_reason == "length" for _, c in flat]),
-            pixel_values=[prompts.pixel_values[i] for i, _ in flat],
-            image_grid_thw=[prompts.image_grid_thw[i] for i, _ in flat],
+            pixel_values=[_cat(prompts.pixel_values[i], c.pixel_values) for i, c in flat],
+            image_grid_thw=[_cat(prompts.image_grid_thw[i], c.image_grid_thw) for i, c in flat],
             responses=[c.text for _, c in flat],
-            rows=[prompts.rows[i] for i, _ in flat],
+            rows=[c.row_for(prompts.rows[i]) for i, c in flat],
             group_size=group_size,
         )
 
@@ -139,3 +142,10 @@ class Experience:
             rows=[x for p in parts for x in p.rows],
             group_size=parts[0].group_size,
         )
+
+
+def _cat(prompt: Tensor | None, response: Tensor | None) -> Tensor | None:
+    """A row's images in token order: the prompt's, then those inside the response (later turns of an episode)."""
+    if response is None:
+        return prompt
+    return response if prompt is None else torch.cat([prompt, response])

@@ -60,6 +60,7 @@ from lmmr1.modules.policy import Policy
 from lmmr1.rewards import Reward, RewardOutput, build_reward
 from lmmr1.rollout.base import RolloutEngine, SamplingConfig
 from lmmr1.rollout.hf import HFEngine
+from lmmr1.rollout.multi_turn import MultiTurnEngine, episode_means
 
 
 def _select_scores(scores: RewardOutput, rows: list[int]) -> RewardOutput:
@@ -537,6 +538,8 @@ class RLModule(L.LightningModule):
         for name in history[0] if history else []:
             means[f"train/{name}"] = (float(sum(m[name] for m in history)), float(len(history)))
         sums = {"train/samples": rows, **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()}}
+        if isinstance(self.engine, MultiTurnEngine):  # every rank logs the same keys, episodes or not
+            means.update(episode_means(exp.rows))
         if self.skipped_steps:
             means["train/skipped_steps"] = (float(self.skipped_steps), 1.0)  # the same count on every rank
         if self.algorithm.dynamic_sampling.enabled:
@@ -571,7 +574,7 @@ class RLModule(L.LightningModule):
         real = [i for i, row in enumerate(batch.rows) if not row.get("_pad")]  # rows that pad a rank's share
         completions = [g[0] for g in self.engine.generate(batch, greedy, seed=0)]
         completions = [completions[i] for i in real]
-        rows = [batch.rows[i] for i in real]
+        rows = [completions[j].row_for(batch.rows[i]) for j, i in enumerate(real)]  # + a multi-turn episode
         if not rows:
             return
         scores = self.reward([c.text for c in completions], rows)
@@ -580,7 +583,7 @@ class RLModule(L.LightningModule):
             sampled = replace(greedy, n=self.evaluation.n, temperature=self.evaluation.temperature)
             groups = self.engine.generate(batch, sampled, seed=batch_idx)
             groups = [groups[i] for i in real]
-            flat_rows = [row for row in rows for _ in range(self.evaluation.n)]
+            flat_rows = [c.row_for(batch.rows[i]) for i, g in zip(real, groups) for c in g]
             sample_scores = self.reward([c.text for g in groups for c in g], flat_rows)
             metrics.update(pass_metrics(sample_scores, self.evaluation.n, self.evaluation.k))
         for name, (value, count) in metrics.items():

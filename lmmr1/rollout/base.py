@@ -10,6 +10,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -62,6 +63,20 @@ class Completion:
     """Engine log-probability of each sampled token (temperature-scaled distribution)."""
     finish_reason: str
     """'stop' (end-of-turn token or stop string) or 'length' (hit max_new_tokens)."""
+    loss_mask: list[int] | None = None
+    """Per token: 1 = sampled by the model (trained on), 0 = inserted by an environment (a multi-turn episode's
+    observations); None = every token is the model's."""
+    pixel_values: Tensor | None = None
+    """(patches, D) images inside the response (the frames of a multi-turn episode's later turns), or None."""
+    image_grid_thw: Tensor | None = None
+    """(images, 3) grids of those images."""
+    episode: dict[str, Any] | None = None
+    """A multi-turn episode's record (step rewards, turns, invalid actions, solved); it reaches rewards and metrics
+    as the sample's row field `_episode`."""
+
+    def row_for(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The data row this completion is scored against: with a multi-turn episode's record as `_episode`."""
+        return row if self.episode is None else {**row, "_episode": self.episode}
 
 
 class RolloutEngine(ABC):

@@ -26,6 +26,7 @@ GENERATORS: dict[str, Generator] = {
     "image-arith": image_arith.GENERATOR,
     "geometry": geometry.GENERATOR,
     "sokoban": sokoban.GENERATOR,
+    "sokoban-agent": sokoban.AGENT_GENERATOR,
     "numbers": perception.NUMBERS,
     "shapes": perception.SHAPES_GENERATOR,
 }
