@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmmr1.data.processor import IMAGE_PAD, PromptProcessor
+from lmmr1.data.processor import PromptProcessor
+from lmmr1.models.families.qwen_vl import IMAGE_PAD
 
 
 def test_image_tokens_match_features_in_a_mixed_batch(tiny_vl_path, mixed_rows):

@@ -17,10 +17,11 @@ pytest.importorskip("vllm")
 
 from lmmr1.callbacks.weight_sync import WeightSync, policy_weights  # noqa: E402
 from lmmr1.data.processor import PromptProcessor  # noqa: E402
+from lmmr1.models.families.qwen_vl import VISION_TOKENS  # noqa: E402
 from lmmr1.modules.experience import Experience  # noqa: E402
 from lmmr1.modules.policy import Policy  # noqa: E402
 from lmmr1.rollout.base import SamplingConfig  # noqa: E402
-from lmmr1.rollout.hf import VISION_TOKENS, HFEngine  # noqa: E402
+from lmmr1.rollout.hf import HFEngine  # noqa: E402
 from lmmr1.rollout.vllm import VLLMEngine  # noqa: E402
 from tests.test_weight_sync import Module, Trainer  # noqa: E402 - the RLModule/Trainer stand-ins WeightSync needs
 

@@ -1,8 +1,9 @@
-"""Turn data rows into model inputs: chat template, Qwen2-VL image processing, image-token expansion.
+"""Turn data rows into model inputs: chat template, image processing, image-token expansion.
 
-transformers' `Qwen2_5_VLProcessor` insists on a video processor that needs torchvision (absent on CPU machines), so
-this class pairs the tokenizer with the PIL image processor and does the one step the processor adds: expanding each
-`<|image_pad|>` into as many tokens as the vision tower produces features for that image.
+The model family's adapter (lmmr1/models/families/) supplies the image processor (its PIL variant: transformers'
+processors for several families insist on a torchvision video processor, absent on CPU machines) and the one step a
+full processor adds: expanding each image placeholder into as many tokens as the vision tower produces features for
+that image. The expansion is checked against the tokenized prompt, naming the row.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-IMAGE_PAD = "<|image_pad|>"
+from lmmr1.models.families import family_of
+from lmmr1.models.families.qwen_vl import IMAGE_PAD  # noqa: F401 - for rollout/multi_turn.py until it calls encode_images
 
 
 @dataclass
@@ -28,8 +30,8 @@ class PromptBatch:
     input_ids: Tensor  # (B, P) left-padded prompt tokens
     attention_mask: Tensor  # (B, P)
     rows: list[dict[str, Any]]  # (B,) the data rows (answer, datasource, env, ...)
-    pixel_values: list[Tensor | None] = field(default_factory=list)  # (B,) per-prompt patches (n_patches, D) or None
-    image_grid_thw: list[Tensor | None] = field(default_factory=list)  # (B,) per-prompt (n_images, 3) or None
+    pixel_values: list[Tensor | None] = field(default_factory=list)  # (B,) per-prompt images in the family's layout
+    image_grid_thw: list[Tensor | None] = field(default_factory=list)  # (B,) (n_images, 3) Qwen grids, or None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -85,16 +87,14 @@ class PromptProcessor:
         """
         path = Path(path).expanduser()
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.config = AutoConfig.from_pretrained(path)
+        self.family = family_of(self.config)
         self.image_processor = None
         if (Path(path) / "preprocessor_config.json").exists():
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-            self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-                path, min_pixels=min_pixels, max_pixels=max_pixels
-            )
+            self.image_processor = self.family.load_image_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
         self.max_prompt_tokens = max_prompt_tokens
         self.system_prompt, self.few_shot = system_prompt, list(few_shot or [])
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.image_token_id = self.family.image_token_id(self.tokenizer)
 
     def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The row's messages with the configured system prompt and few-shot turns applied."""
@@ -108,40 +108,42 @@ class PromptProcessor:
         """The chat-templated prompt (generation prompt appended), images as one placeholder each."""
         return self.tokenizer.apply_chat_template(self.messages(row), add_generation_prompt=True, tokenize=False)
 
-    def _encode_images(self, row: dict[str, Any], refs: list[str], text: str) -> tuple[str, Tensor, Tensor]:
-        where = row.get("_where", "row")
+    def _require_image_processor(self, where: str) -> None:
         if self.image_processor is None:
             raise ValueError(f"{where}: message: row has images but the model has no image processor (text-only model)")
-        images = [load_image(ref) for ref in refs]
-        out = self.image_processor(images=images, return_tensors="pt")
-        grid = out["image_grid_thw"]
-        merge = self.image_processor.merge_size**2
-        n_tokens = (grid.prod(-1) // merge).tolist()
-        if text.count(IMAGE_PAD) != len(n_tokens):
-            raise ValueError(
-                f"{where}: message: {text.count(IMAGE_PAD)} image placeholders for {len(n_tokens)} images"
-            )
-        pieces = text.split(IMAGE_PAD)
-        text = pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(n_tokens, pieces[1:]))
-        return text, out["pixel_values"], grid
+
+    def encode_images(self, text: str, images: list[Image.Image], where: str = "row"
+                      ) -> tuple[str, Tensor, Tensor | None, int]:
+        """Process `images` and expand the image placeholders of `text`, as the model family does.
+
+        Returns:
+            (text with each placeholder expanded, pixel values, (n_images, 3) grids or None, total image tokens).
+        """
+        self._require_image_processor(where)
+        encoded = self.family.encode_images(self.image_processor, self.config, images)
+        text = self.family.expand(text, encoded.n_tokens, where)
+        return text, encoded.pixel_values, encoded.grid, sum(encoded.n_tokens)
 
     def __call__(self, rows: list[dict[str, Any]]) -> PromptBatch:
-        texts, pixel_values, grids = [], [], []
+        texts, pixel_values, grids, expected = [], [], [], []
         for row in rows:
             _, refs = _chat_messages(row)
             text = self.prompt_text(row)
             pixels = grid = None
+            n_tokens = 0
             if refs:
-                text, pixels, grid = self._encode_images(row, refs, text)
+                self._require_image_processor(row.get("_where", "row"))  # before opening the images
+                text, pixels, grid, n_tokens = self.encode_images(text, [load_image(r) for r in refs],
+                                                                  row.get("_where", "row"))
             texts.append(text)
             pixel_values.append(pixels)
             grids.append(grid)
+            expected.append(n_tokens)
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        for row, ids, mask, grid in zip(rows, enc["input_ids"], enc["attention_mask"], grids):
-            expected = 0 if grid is None else int((grid.prod(-1) // self.image_processor.merge_size**2).sum())
-            found = int(((ids == self.image_pad_id) & mask.bool()).sum())
-            if found != expected:  # e.g. the text itself contains "<|image_pad|>", or truncation cut image tokens
-                raise ValueError(f"{row.get('_where', 'row')}: message: {found} image tokens for {expected} features")
+        for row, ids, mask, n_tokens in zip(rows, enc["input_ids"], enc["attention_mask"], expected):
+            found = 0 if self.image_token_id is None else int(((ids == self.image_token_id) & mask.bool()).sum())
+            if found != n_tokens:  # e.g. the text itself contains the image token, or truncation cut image tokens
+                raise ValueError(f"{row.get('_where', 'row')}: message: {found} image tokens for {n_tokens} features")
             if self.max_prompt_tokens is not None and int(mask.sum()) > self.max_prompt_tokens:
                 raise ValueError(
                     f"{row.get('_where', 'row')}: message: prompt has {int(mask.sum())} tokens, more than "
@@ -151,8 +153,10 @@ class PromptProcessor:
 
 
 def concat_images(pixel_values: list[Tensor | None], grids: list[Tensor | None]) -> tuple[Tensor | None, Tensor | None]:
-    """Stack per-sample images into the flat (patches, D) / (images, 3) layout Qwen2-VL models take."""
+    """Stack per-sample images along their first axis, in row order: flat (patches, D) / (images, 3) for families
+    with grids, (images, C, H, W) and no grid for fixed-size ones."""
     pixels = [p for p in pixel_values if p is not None]
     if not pixels:
         return None, None
-    return torch.cat(pixels), torch.cat([g for g in grids if g is not None])
+    present = [g for g in grids if g is not None]
+    return torch.cat(pixels), torch.cat(present) if present else None

@@ -19,41 +19,29 @@ import torch
 from torch import Tensor, nn
 
 from lmmr1.distributed.groups import data_parallel
+from lmmr1.models.families import family_of
 
 
 def _needed(backbone: nn.Module, has_images: bool) -> nn.Module | None:
-    visual = getattr(backbone, "visual", None)
+    visual = family_of(backbone).vision_tower(backbone)
     return visual if visual is not None and not has_images and data_parallel().active else None
 
 
-def run_on_dummy(visual: nn.Module) -> Tensor:
-    """The tower's output on `dummy_image`, summed to a scalar."""
-    pixels, grid = dummy_image(visual)
-    out = visual(pixels, grid_thw=grid)
-    return getattr(out, "pooler_output", out).sum()
+def run_on_dummy(backbone: nn.Module) -> Tensor:
+    """The image-side modules' output on the family's smallest blank image, summed to a scalar."""
+    return family_of(backbone).dummy_vision_output(backbone)
 
 
 def vision_tower_before_generation(backbone: nn.Module, has_images: bool) -> None:
     """Before `generate` on a text-only chunk: run the tower once, as generation does for image chunks."""
-    visual = _needed(backbone, has_images)
-    if visual is not None:
+    if _needed(backbone, has_images) is not None:
         with torch.no_grad():
-            run_on_dummy(visual)
-
-
-def dummy_image(visual: nn.Module) -> tuple[Tensor, Tensor]:
-    """The smallest input the tower accepts: one merge window of blank patches. (pixel_values, grid_thw)."""
-    config = visual.config
-    merge = config.spatial_merge_size
-    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
-    param = next(visual.parameters())
-    pixels = torch.zeros(merge * merge, patch_dim, dtype=param.dtype, device=param.device)
-    return pixels, torch.tensor([[1, merge, merge]], device=param.device)
+            run_on_dummy(backbone)
 
 
 @contextmanager
 def vision_tower_in_graph(backbone: nn.Module, has_images: bool) -> Iterator[None]:
-    """Within this context, the next forward of `backbone` (a Qwen-VL decoder with `.visual`) runs its vision tower
+    """Within this context, the next forward of `backbone` (an image-text-to-text decoder) runs its vision tower
     on a dummy image when this micro-batch has none and there is more than one data-parallel rank."""
     visual = _needed(backbone, has_images)
     if visual is None:
@@ -62,7 +50,7 @@ def vision_tower_in_graph(backbone: nn.Module, has_images: bool) -> Iterator[Non
 
     def after_embeddings(module: nn.Module, args: object, embeds: Tensor) -> Tensor:
         handle.remove()  # once per forward
-        return embeds + 0.0 * run_on_dummy(visual).to(embeds.dtype)
+        return embeds + 0.0 * run_on_dummy(backbone).to(embeds.dtype)
 
     handle = backbone.get_input_embeddings().register_forward_hook(after_embeddings)
     try:

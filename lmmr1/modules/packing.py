@@ -1,4 +1,4 @@
-"""How token rows enter a training forward: RoPE positions (Qwen-VL's M-RoPE included) and padding-free packing.
+"""How token rows enter a training forward: RoPE positions (as the model family assigns them) and padding-free packing.
 
 Packing concatenates the real tokens of N padded rows into one row. Positions restart at 0 for every sequence, and
 transformers reads those restarts as sequence boundaries: a block-diagonal causal mask under SDPA (CPU), variable-length
@@ -13,32 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from lmmr1.distributed.vision import vision_tower_in_graph
-
-
-def mm_token_type_ids(config: object, input_ids: Tensor) -> Tensor:
-    """Qwen-VL's modality map of a token row: 0 text, 1 image placeholder, 2 video placeholder."""
-    types = torch.zeros_like(input_ids, dtype=torch.int)
-    types[input_ids == config.image_token_id] = 1
-    video = getattr(config, "video_token_id", None)
-    if video is not None:
-        types[input_ids == video] = 2
-    return types
+from lmmr1.models.families import family_of
 
 
 def rope_positions(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                    image_grid_thw: Tensor | None) -> Tensor:
     """Positions of left/right-padded rows as generation assigns them: (N, L) counting real tokens from 0, or
-    (3, N, L) M-RoPE (temporal, height, width) for models with `get_rope_index`, where image tokens take 2-D grid
-    positions. Padding gets position 0 (it is masked out)."""
-    text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    rope_index = getattr(backbone, "get_rope_index", None)
-    if rope_index is None:
-        return text
-    if image_grid_thw is None:  # text only: all three M-RoPE axes equal the 1-D position
-        return text.unsqueeze(0).expand(3, -1, -1)
-    positions, _ = rope_index(input_ids, mm_token_type_ids=mm_token_type_ids(backbone.config, input_ids),
-                              image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-    return positions
+    (3, N, L) for M-RoPE families, where image tokens take 2-D grid positions. Padding gets position 0 (it is masked
+    out). The family adapter decides (lmmr1/models/families/)."""
+    return family_of(backbone).positions(backbone, input_ids, attention_mask, image_grid_thw)
 
 
 @dataclass
@@ -83,15 +66,19 @@ def response_hidden_states(
     """(N, T, H) last hidden states at the positions that predict each of the last `response_len` tokens.
 
     `backbone` is the decoder without its LM head (`model.model` of a HF causal LM or image-text-to-text model).
+    `image_grid_thw`: the images' grids for families that have them (Qwen-VL), else None.
     """
-    extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-    positions = rope_positions(backbone, input_ids, attention_mask, image_grid_thw)
+    family = family_of(backbone)
+    extra = family.image_inputs(backbone.config, input_ids, pixel_values, image_grid_thw)
+    positions = family.positions(backbone, input_ids, attention_mask, image_grid_thw)
     with vision_tower_in_graph(backbone, has_images=pixel_values is not None):
         if not packing:
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                            **extra)
             return out.last_hidden_state[:, -response_len - 1 : -1]
+        family.check_packing()
         packed = pack_rows(input_ids, attention_mask, response_len, positions)
+        extra = family.image_inputs(backbone.config, packed.input_ids, pixel_values, image_grid_thw)
         out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
                        use_cache=False, **extra)
     return out.last_hidden_state[0][packed.state_index]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from lmmr1.models.families import family_of
 from lmmr1.models.recipe import ModelRecipe
 from lmmr1.modules.packing import response_hidden_states
 
@@ -32,12 +33,31 @@ def load_hf_model(path: str, dtype: str, attn_implementation: str = "sdpa", flag
     return model_class.from_pretrained(path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
 
 
+VISION = "vision"
+"""The freeze alias for the model family's vision tower (and projector): its `vision_prefixes`."""
+
+
 def apply_freeze(model: nn.Module, prefixes: list[str], flag: str = "--model.policy") -> None:
-    """Turn off gradients for parameters whose names match `prefixes`; an unmatched prefix is a config error."""
+    """Turn off gradients for parameters whose names match `prefixes`; an unmatched prefix is a config error.
+
+    `vision` stands for the family's image-side modules (Qwen-VL `visual.`, Gemma 3 / LLaVA `vision_tower.` and
+    `multi_modal_projector.`)."""
+    prefixes = resolve_freeze(model, prefixes, flag)
     if prefixes and not any(_matches(n, prefixes) for n, _ in model.named_parameters()):
         raise ValueError(f"{flag}.freeze: {prefixes} matches no parameter")
     for name, param in model.named_parameters():
         param.requires_grad_(not _matches(name, prefixes))
+
+
+def resolve_freeze(model: nn.Module, prefixes: list[str], flag: str = "--model.policy") -> list[str]:
+    """`prefixes` with the `vision` alias replaced by the model family's vision prefixes."""
+    if VISION not in prefixes:
+        return list(prefixes)
+    vision = list(family_of(model.config).vision_prefixes)
+    if not vision:
+        raise ValueError(f"{flag}.freeze: {VISION!r} names the vision tower, but {model.config.model_type!r} is a "
+                         f"text-only model")
+    return [p for p in prefixes if p != VISION] + vision
 
 
 def _matches(name: str, prefixes: list[str]) -> bool:
@@ -98,7 +118,8 @@ class Policy(nn.Module):
         Args:
             path: local folder written by `save_pretrained` (or `lmmr1 model tiny|prepare-mini`).
             dtype: float32 | bfloat16 | float16 for the weights.
-            freeze: parameter-name prefixes that get no gradient, e.g. ["visual."] for the vision tower.
+            freeze: parameter-name prefixes that get no gradient; "vision" = the family's vision tower (e.g.
+                "visual." for Qwen-VL, "vision_tower." + "multi_modal_projector." for Gemma 3 / LLaVA).
             gradient_checkpointing: recompute activations in backward to save memory.
             attn_implementation: "sdpa" (CPU and GPU) or "flash_attention_2" (GPU, flash-attn installed).
             logprob_chunk: response positions per LM-head chunk; the (N, chunk, vocab) logits of one chunk are the
@@ -116,6 +137,9 @@ class Policy(nn.Module):
         self.path, self.dtype, self.logprob_chunk, self.packing = path, dtype, logprob_chunk, packing
         self.attn_implementation = attn_implementation
         self.model = load_hf_model(path, dtype, attn_implementation).train()  # from_pretrained returns eval mode
+        self.family = family_of(self.model.config)
+        if packing:
+            self.family.check_packing("--model.policy.packing")
         self.freeze = list(freeze or [])
         apply_freeze(self.model, self.freeze)
         self.lora = lora

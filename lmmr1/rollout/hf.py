@@ -22,10 +22,8 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 from lmmr1.data.processor import PromptBatch, concat_images
 from lmmr1.distributed import data_parallel, global_max, zero3_partitioned
 from lmmr1.distributed.vision import vision_tower_before_generation
-from lmmr1.modules.packing import mm_token_type_ids
+from lmmr1.models.families import family_of
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
-
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 class HFEngine(RolloutEngine):
@@ -39,9 +37,8 @@ class HFEngine(RolloutEngine):
         self.max_batch_tokens = max_batch_tokens
 
     def _vision_token_ids(self) -> list[int]:
-        """Image placeholder tokens must never be sampled: a generated <|image_pad|> would claim an image feature."""
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
+        """Image placeholder tokens must never be sampled: a generated one would claim an image feature."""
+        return family_of(self.policy.model.config).banned_token_ids(self.tokenizer)
 
     def _chunks(self, n_rows: int, row_tokens: int) -> list[range]:
         per_call = max(1, self.max_batch_tokens // max(row_tokens, 1))
@@ -53,7 +50,7 @@ class HFEngine(RolloutEngine):
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=sample,
-            eos_token_id=self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            eos_token_id=family_of(self.policy.model.config).eos_token_id(self.tokenizer),
             pad_token_id=self.tokenizer.pad_token_id,
             return_dict_in_generate=True,
             output_logits=True,  # raw logits: the log-probs are the policy's, as in training
@@ -95,9 +92,9 @@ class HFEngine(RolloutEngine):
                   "attention_mask": prompts.attention_mask[index].to(device)}
         pixels, grids = concat_images([prompts.pixel_values[i] for i in rows],
                                       [prompts.image_grid_thw[i] for i in rows])
-        if pixels is not None:  # the modality map switches Qwen-VL generation to M-RoPE, as in training and vLLM
-            inputs.update(pixel_values=pixels.to(device), image_grid_thw=grids.to(device),
-                          mm_token_type_ids=mm_token_type_ids(self.policy.model.config, inputs["input_ids"]))
+        inputs.update(family_of(self.policy.model.config).image_inputs(
+            self.policy.model.config, inputs["input_ids"], None if pixels is None else pixels.to(device),
+            None if grids is None else grids.to(device), generation=True))
         vision_tower_before_generation(self.policy.model.model, has_images=pixels is not None)
         stops = _StopStringEnds(self.tokenizer, sampling.stop, inputs["input_ids"].shape[1]) if sampling.stop else None
         out = self.policy.model.generate(**inputs, **options,

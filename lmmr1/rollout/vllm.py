@@ -36,10 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from transformers import AutoConfig
 
-from lmmr1.data.processor import IMAGE_PAD, PromptBatch, load_image
+from lmmr1.data.processor import PromptBatch, load_image
+from lmmr1.models.families import family_of
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
-from lmmr1.rollout.hf import VISION_TOKENS
 
 _INSTALL = (
     "the vLLM engine needs vllm: `pip install -e .[gpu]` on a CUDA machine; on CPU build the separate test venv "
@@ -156,9 +157,8 @@ class VLLMEngine(RolloutEngine):
         folder is kept, with the weights it holds (WeightSync refreshes them), instead of a second `vllm.LLM` beside
         it. Another folder replaces it, the old engine released before the new one measures free memory."""
         super().bind(policy, tokenizer)
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        self._banned = {i: _BANNED_BIAS for i in ids if i is not None and i != tokenizer.unk_token_id}
-        self._image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self._family = family_of(AutoConfig.from_pretrained(policy.path))  # the folder vLLM starts on
+        self._banned = {i: _BANNED_BIAS for i in self._family.banned_token_ids(tokenizer)}
         if self.llm is not None:
             if self._model_path == policy.path:
                 return
@@ -236,9 +236,10 @@ class VLLMEngine(RolloutEngine):
                 for item in m["content"] if item.get("type") == "image" or "image" in item]
         if not refs:
             return {"prompt_token_ids": ids}, ids
-        # vLLM expands each image placeholder itself from the image: give it one <|image_pad|> per image (the chat
-        # template's form) and the same PIL images the data processor used; `generate` checks the expansion.
-        collapsed = [t for k, t in enumerate(ids) if t != self._image_pad or k == 0 or ids[k - 1] != self._image_pad]
+        # vLLM expands each image placeholder itself from the image: give it one placeholder per image (the chat
+        # template's form, the family adapter's collapse) and the same PIL images the data processor used;
+        # `generate` checks the expansion.
+        collapsed = self._family.vllm_prompt_ids(ids, self.tokenizer)
         return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": [load_image(r) for r in refs]}}, ids
 
     def _params(self, sampling: SamplingConfig, seed: int, i: int) -> Any:
