@@ -20,7 +20,6 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from lmmr1.models.families import family_of
-from lmmr1.models.families.qwen_vl import IMAGE_PAD  # noqa: F401 - for rollout/multi_turn.py until it calls encode_images
 
 
 @dataclass
@@ -31,7 +30,7 @@ class PromptBatch:
     attention_mask: Tensor  # (B, P)
     rows: list[dict[str, Any]]  # (B,) the data rows (answer, datasource, env, ...)
     pixel_values: list[Tensor | None] = field(default_factory=list)  # (B,) per-prompt images in the family's layout
-    image_grid_thw: list[Tensor | None] = field(default_factory=list)  # (B,) (n_images, 3) Qwen grids, or None
+    image_grid_thw: list[Tensor | None] = field(default_factory=list)  # (B,) (n_images, 3) patch grids, or None
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -32,8 +32,6 @@ from lmmr1.envs.environment import Environment, Observation
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
 from lmmr1.rollout.hf import HFEngine
 
-_QWEN_IMAGE_PAD = "<|image_pad|>"
-
 
 @dataclass
 class _Episode:
@@ -91,10 +89,8 @@ class MultiTurnEngine(RolloutEngine):
         super().bind(policy, tokenizer)
         self.inner.bind(policy, tokenizer)
         self.processor = PromptProcessor(policy.path, **self.pixel_bounds)  # the frames, as the data's images
-        family = getattr(self.processor, "family", None)  # the model family's adapter, where the processor has one
-        self.image_token = _QWEN_IMAGE_PAD if family is None else family.image_token
-        self.eos_id = (tokenizer.convert_tokens_to_ids("<|im_end|>") if family is None
-                       else family.eos_token_id(tokenizer))
+        self.image_token = self.processor.family.image_token
+        self.eos_id = self.processor.family.eos_token_id(tokenizer)
         self._turn_end = self._template_turn_end()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
@@ -113,7 +109,7 @@ class MultiTurnEngine(RolloutEngine):
     _PROBE = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]
 
     def _template_turn_end(self) -> str:
-        """What the template writes after an assistant turn's content (Qwen: '<|im_end|>\\n')."""
+        """What the template writes after an assistant turn's content (ChatML: end-of-turn token + newline)."""
         opened = self._render(self._PROBE[:1], generation_prompt=True)
         closed = self._render(self._PROBE)
         if not closed.startswith(opened + "B"):
@@ -147,20 +143,12 @@ class MultiTurnEngine(RolloutEngine):
 
     def _encode_images(self, text: str, images: list) -> tuple[str, Tensor, Tensor | None]:  # noqa: ANN001
         """`text` with its image placeholders expanded, and the images' pixel values and grids, as prompts get them."""
-        processor, where = self.processor, f"environment {self.env.name}"
-        if processor.image_processor is None:
+        where = f"environment {self.env.name}"
+        if self.processor.image_processor is None:
             raise ValueError(f"{where}: it shows images but the model has no image processor (text-only model); "
                              f"configure the environment without images")
-        family = getattr(processor, "family", None)
-        if family is not None:
-            encoded = family.encode_images(processor.image_processor, processor.config, images)
-            return family.expand(text, encoded.n_tokens, where), encoded.pixel_values, encoded.grid
-        out = processor.image_processor(images=images, return_tensors="pt")  # a processor without families: Qwen-VL
-        counts = (out["image_grid_thw"].prod(-1) // processor.image_processor.merge_size**2).tolist()
-        pieces = text.split(_QWEN_IMAGE_PAD)
-        assert len(pieces) == len(counts) + 1, "one image placeholder per image"
-        text = pieces[0] + "".join(_QWEN_IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:]))
-        return text, out["pixel_values"], out["image_grid_thw"]
+        text, pixels, grid, _ = self.processor.encode_images(text, images, where)
+        return text, pixels, grid
 
     # ---- the episode loop -------------------------------------------------------------------------------------
     def _turn_prompts(self, prompts: PromptBatch, episodes: list[_Episode]) -> PromptBatch:
