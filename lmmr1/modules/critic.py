@@ -27,7 +27,7 @@ class Critic(nn.Module):
         Args:
             path: model folder to initialise the backbone from; None = the policy's (filled in by the RLModule).
             dtype: float32 | bfloat16 | float16 for the backbone weights; the value head stays float32.
-            freeze: parameter-name prefixes that get no gradient (e.g. ["visual."]).
+            freeze: parameter-name prefixes that get no gradient (e.g. ["vision"]: the family's vision tower).
             gradient_checkpointing: recompute activations in backward to save memory.
             lr: the critic's own learning rate (a separate optimizer parameter group); None = the policy's.
             attn_implementation: "sdpa" or "flash_attention_2".

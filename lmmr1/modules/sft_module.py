@@ -119,8 +119,8 @@ class SFTModule(L.LightningModule):
         embedding, over the tokens of this batch's targets plus the blank: the small, similar embeddings of digits
         make a full-vocabulary softmax of raw dot products reward norm growth rather than pointing at the digit.
         """
-        for i, (grids, row) in enumerate(zip(batch.image_grid_thw, batch.rows)):
-            if grids is None or len(grids) != 1:
+        for i, (pixels, grids, row) in enumerate(zip(batch.pixel_values, batch.image_grid_thw, batch.rows)):
+            if _image_count(pixels, grids) != 1:
                 raise ValueError(f"{row.get('_where', f'batch row {i}')}: the CTC phase (ctc_steps) needs exactly one "
                                  f"image per row")
         blank = self.tokenizer(self.ctc_blank, add_special_tokens=False)["input_ids"]
@@ -130,11 +130,17 @@ class SFTModule(L.LightningModule):
         classes = sorted({t for ts in targets for t in ts} | set(blank))
         column = {token: i for i, token in enumerate(classes)}
         pixels, grids = concat_images(batch.pixel_values, batch.image_grid_thw)
-        features = self.policy.model.model.get_image_features(pixels.to(self.device), grids.to(self.device))
-        frames = torch.nn.functional.normalize(torch.cat(features.pooler_output).float(), dim=-1)
+        family = self.policy.family
+        try:
+            features = family.image_features(self.policy.model.model, pixels.to(self.device),
+                                             None if grids is None else grids.to(self.device))
+        except NotImplementedError:
+            raise ValueError(f"--model.init_args.ctc_steps: the CTC phase needs the image features of the "
+                             f"{family.name} family, which its adapter does not provide; set ctc_steps: 0") from None
+        frames = torch.nn.functional.normalize(torch.cat(features).float(), dim=-1)
         embeddings = self.policy.model.get_input_embeddings().weight[classes].float()
         logp = (self.ctc_scale * frames @ torch.nn.functional.normalize(embeddings, dim=-1).T).log_softmax(-1)
-        lengths = [len(f) for f in features.pooler_output]
+        lengths = [len(f) for f in features]
         logp = torch.stack([torch.nn.functional.pad(piece, (0, 0, 0, max(lengths) - len(piece)))
                             for piece in logp.split(lengths)], dim=1)  # (frames, B, classes)
         return torch.nn.functional.ctc_loss(
@@ -170,3 +176,10 @@ class SFTModule(L.LightningModule):
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
+
+
+def _image_count(pixels: Tensor | None, grids: Tensor | None) -> int:
+    """Images of one row in the families' layout: one grid row each where images have grids, else one pixel block."""
+    if pixels is None:
+        return 0
+    return len(grids) if grids is not None else len(pixels)

@@ -109,6 +109,11 @@ class Family:
         """The module whose parameters run only on images (None for text-only models)."""
         return None
 
+    def image_features(self, backbone: nn.Module, pixel_values: Tensor, image_grid: Tensor | None) -> list[Tensor]:
+        """(n_images,) what each image's placeholder tokens are replaced by: (n_tokens_i, hidden) per image, from
+        the tower and projector alone (the language model does not run)."""
+        raise NotImplementedError(f"{self.name}: no image features")
+
     def dummy_vision_output(self, backbone: nn.Module) -> Tensor:
         """The image-side modules run on the smallest blank image, summed to a scalar (see distributed/vision.py)."""
         raise NotImplementedError

@@ -53,6 +53,9 @@ class Llava(Family):
     def vision_tower(self, backbone: nn.Module) -> nn.Module | None:
         return backbone.vision_tower
 
+    def image_features(self, backbone: nn.Module, pixel_values: Tensor, image_grid: Tensor | None) -> list[Tensor]:
+        return list(backbone.get_image_features(pixel_values).pooler_output)
+
     def dummy_vision_output(self, backbone: nn.Module) -> Tensor:
         config = backbone.config.vision_config
         param = next(backbone.vision_tower.parameters())

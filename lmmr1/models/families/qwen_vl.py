@@ -19,10 +19,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from lmmr1.models.families.base import EncodedImages, Family, build_tokenizer, save_tiny, text_settings
 
-IMAGE_PAD = "<|image_pad|>"
-VISION_TOKENS = (IMAGE_PAD, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD,
-                  "<|video_pad|>"]
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+IMAGE_ITEM = VISION_START + IMAGE_PAD + VISION_END
+"""What the chat template writes for one image item; the processor expands its IMAGE_PAD."""
+VISION_TOKENS = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
+SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 # ChatML as in Qwen2-VL: an image item becomes <|vision_start|><|image_pad|><|vision_end|>, which the processor
 # expands to one <|image_pad|> per merged image patch.
 CHAT_TEMPLATE = (
@@ -30,7 +32,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% if item['type'] == 'image' or 'image' in item %}" + IMAGE_ITEM +
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
@@ -41,14 +43,14 @@ MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # LMM-R1's pixel bounds
 
 def tiny_tokenizer(seed: int = 0):  # noqa: ANN201
     """A 1024-token byte-level BPE with Qwen's ChatML and vision special tokens."""
-    return build_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>", seed=seed)
+    return build_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, eos=IM_END, pad=END_OF_TEXT, seed=seed)
 
 
 def token_ids(tokenizer: Any) -> dict[str, int]:
-    """The config's special-token ids in this tokenizer's vocabulary."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    return {"image_token_id": ids[IMAGE_PAD], "video_token_id": ids["<|video_pad|>"],
-            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+    """The config's vision token ids in this tokenizer's vocabulary."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    return {"image_token_id": ids[IMAGE_PAD], "video_token_id": ids[VIDEO_PAD],
+            "vision_start_token_id": ids[VISION_START], "vision_end_token_id": ids[VISION_END]}
 
 
 def mm_token_type_ids(config: Any, input_ids: Tensor) -> Tensor:
@@ -67,7 +69,7 @@ class Qwen2VL(Family):
     vision_prefixes = ("visual.",)  # patch embedding, blocks and the merger (the projector) all live in `visual`
     banned_tokens = VISION_TOKENS
     placeholder = image_token = IMAGE_PAD
-    end_of_turn = "<|im_end|>"
+    end_of_turn = IM_END
     position_scheme = "mrope"
     patch_size = 14
 
@@ -101,6 +103,9 @@ class Qwen2VL(Family):
 
     def vision_tower(self, backbone: nn.Module) -> nn.Module | None:
         return getattr(backbone, "visual", None)
+
+    def image_features(self, backbone: nn.Module, pixel_values: Tensor, image_grid: Tensor | None) -> list[Tensor]:
+        return list(backbone.get_image_features(pixel_values, image_grid).pooler_output)
 
     def dummy_vision_output(self, backbone: nn.Module) -> Tensor:
         """One merge window of blank patches through `visual` (merger and any DeepStack mergers included)."""
@@ -193,7 +198,7 @@ class Qwen2Text(Family):
 
     name = "qwen2"
     model_types = ("qwen2",)
-    end_of_turn = "<|im_end|>"
+    end_of_turn = IM_END
 
     def build_tiny(self, out: Path, seed: int) -> None:
         from transformers import Qwen2Config, Qwen2ForCausalLM
