@@ -93,8 +93,8 @@ def test_a_missing_model_folder_without_a_recipe_says_how_to_get_one(tmp_path, m
                                                "reinforce_baseline, rloo, grpo, dr_grpo; did you mean 'grpo'?"),
     (["--model.algorithm.kl.coef", "abc"], "--model.algorithm.kl.coef: expected a number, got 'abc'"),
     (["--data.batch_size", "four"], "--data.batch_size: expected an integer, got 'four'"),
-    (["--model.policy.init_args.make.kind", "huge"], "--model.policy.make.kind: 'huge' is not one of tiny-vl, "
-                                                     "tiny-text, mini"),
+    (["--model.policy.init_args.make.kind", "huge"], "--model.policy.make.kind: 'huge' is not one of tiny, "
+                                                     "tiny-vl, tiny-text, mini"),
 ])
 def test_a_parse_mistake_is_one_line_naming_the_option_and_the_fix(override, expected, capfd):
     lines = _error_of(capfd, ["fit", "-c", SMOKE, *override])
@@ -105,6 +105,11 @@ def test_a_parse_mistake_is_one_line_naming_the_option_and_the_fix(override, exp
     (["--model.policy.init_args.dtype", "float77"],
      "--model.policy.dtype: unknown 'float77'; choose from ['bfloat16', 'float16', 'float32']"),
     (["--model.reward", "mathh"], "--model: unknown reward 'mathh'; choose a built-in name"),
+    (["--model.policy.init_args.make.kind", "tiny", "--model.policy.init_args.make.family", "gemma4"],
+     "--model.policy.make.family: unknown family 'gemma4'; choose from ['gemma3', 'llava', "),
+    (["--model.policy.init_args.make.kind", "tiny"], "--model.policy.make.family: kind tiny needs a family"),
+    (["--model.policy.init_args.make.family", "gemma3"],  # the smoke config's kind: tiny-vl
+     "--model.policy.make.family: only kind tiny takes a family, not kind tiny-vl"),
 ])
 def test_a_component_rejecting_its_config_is_one_line_not_a_traceback(override, expected, tiny_vl_path, capfd):
     lines = _error_of(capfd, ["fit", "-c", SMOKE, "--model.policy.init_args.path", str(tiny_vl_path), *override])
@@ -130,6 +135,20 @@ def test_a_recipe_keeps_an_existing_model_and_never_builds_over_other_files(tmp_
         ModelRecipe(kind="tiny-text").build_if_missing(tmp_path / "notes")
     assert ModelRecipe(kind="tiny-text").build_if_missing(tmp_path / "text") == tmp_path / "text"
     assert not (tmp_path / "text" / "preprocessor_config.json").exists()  # the text-only kind
+
+
+def test_the_tiny_recipe_builds_the_named_familys_model_on_first_use(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from lmmr1.models.families import family_of
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llava.yaml").write_text("model:\n  policy:\n    init_args:\n      path: models/tiny-llava\n"
+                                         "      make: {kind: tiny, family: llava, seed: 0}\n")
+    main(["fit", "-c", SMOKE, "-c", "llava.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+          "--model.sampling.n", "2", "--model.sampling.max_new_tokens", "4", "--trainer.default_root_dir", "run"])
+    assert family_of(AutoConfig.from_pretrained(tmp_path / "models" / "tiny-llava")).name == "llava"
+    assert (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").is_file()  # and it trained a step
 
 
 def test_the_mini_recipe_converts_only_when_the_folder_is_incomplete(tmp_path, monkeypatch):
