@@ -17,7 +17,7 @@ from lmmr1.modules.policy import Policy
 from lmmr1.modules.rl_module import RLModule
 from lmmr1.rewards.episode import EpisodeReward
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
-from lmmr1.rollout.multi_turn import MultiTurnEngine
+from lmmr1.rollout.multi_turn import MultiTurnEngine, episode_means
 
 CORRIDOR = "#####\n#@$.#\n#####"
 LEVELS = [CORRIDOR, "######\n#@ $.#\n######", "#######\n#@    #\n# $  .#\n#     #\n#######"] + [
@@ -79,6 +79,32 @@ def test_sokoban_game_feedback_penalty_and_solve():
         "Moved right. Boxes on goals: 1/1. Solved!", 1.0, True)
 
 
+@pytest.mark.parametrize(("action", "reward"), [
+    # level #@$ .#: box 2 cells from the goal; progress_reward 0.25 per cell, format_reward 0.5, invalid_penalty 0.1
+    ("<answer>right</answer>", 0.25 + 0.5),  # box pushed one cell closer; every word a move
+    ("left", 0.0 + 0.5),  # into the wall: no progress, still a well-formed move
+    ("up 660", -0.1 + 0.5 * 0.5),  # invalid turn, half its words are moves
+    ("hmm", -0.1),  # invalid, no move word: the penalty alone
+    ("right right", 1.0 + 2 * 0.25 + 0.5),  # solved: the solved reward plus both cells of progress
+])
+def test_sokoban_shaping_rewards_progress_and_move_words(action, reward):
+    env = SokobanGame(invalid_penalty=0.1, progress_reward=0.25, format_reward=0.5, images=False)
+    env.reset(_row("######\n#@$ .#\n######"))
+    step = env.step(action)
+    assert step.reward == pytest.approx(reward) and step.info["shaping"] == pytest.approx(reward - (
+        1.0 if step.done else 0.0) + (0.1 if step.info["invalid"] else 0.0))
+
+
+def test_progress_shaping_telescopes_to_the_distance_a_plan_removes():
+    """Potential-based: whatever the route, an episode's progress terms sum to coef x (initial - final distance)."""
+    for xsb in LEVELS:
+        env = SokobanGame(progress_reward=0.5, images=False)
+        env.reset(_row(xsb))
+        start = sokoban_game.box_distance(env.level)
+        rewards = [env.step(move).reward for move in solve(Level.from_xsb(xsb))]
+        assert sum(rewards) == pytest.approx(1.0 + 0.5 * start), xsb
+
+
 def test_sokoban_game_shows_the_new_frame_and_caps_moves_per_turn():
     env = SokobanGame(max_moves_per_turn=1)
     assert len(env.reset(_row(LEVELS[1])).images) == 1
@@ -132,6 +158,9 @@ def test_invalid_actions_are_answered_with_feedback_tokens_that_get_no_gradient(
     assert model == "hmm<|im_end|><answer>right</answer><|im_end|>"
     assert environment == f"\n<|im_start|>user\n{sokoban_game.INVALID_FEEDBACK}\n{CORRIDOR}<|im_end|>\n" \
                           "<|im_start|>assistant\n"
+    means = episode_means([c.row_for({})])  # the logged length is the model's tokens; the episode's is all of them
+    assert means["rollout/response_len_mean"] == (float(len(tokenizer(model)["input_ids"])), 1.0)
+    assert means["rollout/episode_len_mean"] == (float(len(c.token_ids)), 1.0)
 
 
 def _stumbling_script(row: dict, turn: int) -> str:
@@ -235,3 +264,81 @@ def test_the_same_rollout_seed_replays_the_same_episodes(rollout, tiny_vl_path, 
     assert torch.equal(again.input_ids, parts[0].input_ids) and torch.equal(again.response_mask, parts[0].response_mask)
     other = Experience.from_rollout(prompts, engine.generate(prompts, sampling, seed=6), tokenizer.pad_token_id)
     assert not torch.equal(other.input_ids, parts[0].input_ids)
+
+
+# ---- training on episodes: resume, and the demo config learns ---------------------------------------------------
+class RecordingEngine(MultiTurnEngine):
+    """The multi-turn engine, keeping every rollout's episodes (token ids and loss masks) for comparison."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.episodes: list[list[tuple[list[int], list[int]]]] = []
+
+    def generate(self, prompts, sampling, *, seed=0):  # noqa: ANN001
+        groups = super().generate(prompts, sampling, seed=seed)
+        self.episodes.append([(c.token_ids, c.loss_mask) for g in groups for c in g])
+        return groups
+
+
+def _fit_agent(tiny_vl_path, levels, root, max_steps, ckpt_path=None):  # noqa: ANN001, ANN202
+    import lightning as L
+
+    from lmmr1.data.datamodule import DatasetSpec, PromptDataModule
+    from tests.test_fit_e2e import LengthReward
+
+    engine = RecordingEngine(SokobanGame(image_side=56, progress_reward=0.1, format_reward=0.1), max_turns=2)
+    module = RLModule(policy=Policy(str(tiny_vl_path)), engine=engine,
+                      reward=LengthReward(),  # episode texts differ in length: a signal on every step, weights move
+                      sampling=SamplingConfig(n=2, max_new_tokens=6),
+                      algorithm=AlgorithmConfig(kl={"coef": 0.0}),  # no reference pass: half the time
+                      optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
+    data = PromptDataModule(datasets=[DatasetSpec(levels)], batch_size=2, seed=3, processor_path=str(tiny_vl_path))
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.mark.slow
+def test_two_plus_two_agent_steps_replay_the_episodes_and_weights_of_four(tiny_vl_path, tmp_path):
+    from lmmr1.data.synthetic import make
+
+    levels = str(make("sokoban-agent", n=8, seed=0, out=tmp_path / "levels", difficulty=1))
+    full, _ = _fit_agent(tiny_vl_path, levels, tmp_path / "full", max_steps=4)
+    first, trainer = _fit_agent(tiny_vl_path, levels, tmp_path / "first", max_steps=2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed, _ = _fit_agent(tiny_vl_path, levels, tmp_path / "resumed", max_steps=4, ckpt_path=tmp_path / "two.ckpt")
+    assert len(full.engine.episodes) == 4 and first.engine.episodes == full.engine.episodes[:2]
+    assert resumed.engine.episodes == full.engine.episodes[2:]  # the same episodes, token for token
+    assert full.engine.episodes[2] != full.engine.episodes[3]  # (and not one episode replayed every step)
+    start = Policy(str(tiny_vl_path)).model.state_dict()
+    for (name, p), q in zip(full.policy.model.named_parameters(), resumed.policy.model.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, start[n]) for n, p in full.policy.model.named_parameters())
+
+
+@pytest.mark.slow
+def test_one_step_of_the_demo_config_varies_the_reward_and_moves_the_weights(tmp_path, monkeypatch):
+    """`lmmr1 fit -c configs/demo/sokoban_agent.yaml`: the shaping gives the random tiny model a group whose episodes
+    score differently, so the very first step has advantages and changes the policy."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from lmmr1.cli import main
+    from lmmr1.models.tiny import build_tiny
+
+    config = str(Path(__file__).parents[1] / "configs" / "demo" / "sokoban_agent.yaml")
+    monkeypatch.chdir(tmp_path)
+    start = Policy(str(build_tiny(tmp_path / "models" / "tiny-vl"))).model.state_dict()
+    trained = {}
+    monkeypatch.setattr(RLModule, "on_fit_end", lambda self: trained.update(self.policy.model.state_dict()))
+    main(["fit", "-c", config, "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "runs" / "sokoban_agent" / "csv" / "version_0"
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len({s["reward"] for s in samples}) > 1 and any(s["advantage"] != 0 for s in samples)
+    with open(run / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("train/advantage_abs_mean")]
+    assert float(logged[0]["train/advantage_abs_mean"]) > 0
+    changed = [n for n, p in trained.items() if not torch.equal(p, start[n])]
+    assert len(changed) > len(start) // 2, sorted(set(start) - set(changed))

@@ -110,6 +110,22 @@ def test_a_drifting_engine_is_reported(setup):
     assert module.logged["rollout/sync_gap_mean"] == pytest.approx(0.3, abs=1e-4)
 
 
+def test_the_sync_check_of_a_multi_turn_engine_samples_one_turn_from_the_inner_engine(setup, monkeypatch):
+    from lmmr1.envs import GuessNumber
+    from lmmr1.rollout.multi_turn import MultiTurnEngine
+
+    policy, processor = setup
+    inner = CopyEngine()
+    engine = MultiTurnEngine(GuessNumber(), engine=inner)
+    engine.bind(policy, processor.tokenizer)
+    monkeypatch.setattr(MultiTurnEngine, "generate", lambda *a, **k: pytest.fail("the check plays no episodes"))
+    module, trainer, callback = Module(policy, engine, processor.tokenizer), Trainer(), WeightSync(check_prompts=2)
+    callback.on_train_batch_start(trainer, module, processor(ROWS), 0)
+    trainer.global_step = 1
+    callback.on_train_batch_start(trainer, module, processor(ROWS), 1)
+    assert len(inner.synced) == 1 and module.logged["rollout/sync_gap_max"] < 1e-4
+
+
 @pytest.fixture
 def gathered(monkeypatch):
     """deepspeed.zero.GatheredParameters stand-in: records each gathered chunk (the parameters here are whole)."""

@@ -139,7 +139,8 @@ class WeightSync(L.Callback):
 
         temperature = pl_module.sampling.temperature or 1.0
         sampling = SamplingConfig(n=1, temperature=temperature, max_new_tokens=self.check_tokens)
-        completions = pl_module.engine.generate(prompts, sampling, seed=pl_module.global_step)
+        engine = getattr(pl_module.engine, "inner", pl_module.engine)  # a multi-turn engine: one turn, no episodes
+        completions = engine.generate(prompts, sampling, seed=pl_module.global_step)
         exp = Experience.from_rollout(prompts, completions, pl_module.tokenizer.pad_token_id).to(pl_module.device)
         with torch.no_grad():
             logprobs, _ = pl_module.policy.logprobs(**exp.model_inputs(), temperature=temperature)

@@ -539,7 +539,7 @@ class RLModule(L.LightningModule):
             means[f"train/{name}"] = (float(sum(m[name] for m in history)), float(len(history)))
         sums = {"train/samples": rows, **{f"train/reward_stats/{k}": float(v) for k, v in scores.stats.items()}}
         if isinstance(self.engine, MultiTurnEngine):  # every rank logs the same keys, episodes or not
-            means.update(episode_means(exp.rows))
+            means.update(episode_means(exp.rows))  # response_len_mean: the model's tokens, not the environment's
         if self.skipped_steps:
             means["train/skipped_steps"] = (float(self.skipped_steps), 1.0)  # the same count on every rank
         if self.algorithm.dynamic_sampling.enabled:

@@ -49,7 +49,8 @@ class _Episode:
 
     def record(self, env_name: str) -> dict[str, Any]:
         return {"env": env_name, "rewards": list(self.rewards), "turns": len(self.rewards),
-                "invalid_actions": self.invalid_actions, "solved": self.solved, "ended": self.ended}
+                "invalid_actions": self.invalid_actions, "solved": self.solved, "ended": self.ended,
+                "model_tokens": sum(self.loss_mask), "tokens": len(self.tokens)}
 
 
 class MultiTurnEngine(RolloutEngine):
@@ -230,10 +231,14 @@ class MultiTurnEngine(RolloutEngine):
 
 
 def episode_means(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Per-episode metrics of a batch's rows as (sum, count): turns, invalid actions and solved rate."""
+    """Per-episode metrics of a batch's rows as (sum, count): turns, invalid actions, solved rate, and lengths:
+    `rollout/response_len_mean` counts the model's own tokens (it replaces the plain count, which would include the
+    environment's turns), `rollout/episode_len_mean` every token of the conversation after the prompt."""
     episodes = [row["_episode"] for row in rows if "_episode" in row]
     n = float(len(episodes))
-    return {"rollout/turns_mean": (float(sum(e["turns"] for e in episodes)), n),
+    return {"rollout/response_len_mean": (float(sum(e["model_tokens"] for e in episodes)), n),
+            "rollout/episode_len_mean": (float(sum(e["tokens"] for e in episodes)), n),
+            "rollout/turns_mean": (float(sum(e["turns"] for e in episodes)), n),
             "rollout/invalid_actions_mean": (float(sum(e["invalid_actions"] for e in episodes)), n),
             "rollout/solved_rate": (float(sum(e["solved"] for e in episodes)), n),
             "rollout/turn_budget_ended_frac": (float(sum(e["ended"] != "done" for e in episodes)), n)}
