@@ -181,3 +181,14 @@ def save_tiny(model: nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path, i
     tokenizer.save_pretrained(out)
     if image_processor is not None:
         image_processor.save_pretrained(out)
+
+
+def blank_square_image(backbone: nn.Module) -> Tensor:
+    """One zero image at the vision tower's input size, dtype and device (for the ZeRO-3 dummy pass of towers that
+    take fixed-size square images, as SigLIP in Gemma 3 and CLIP in LLaVA)."""
+    import torch
+
+    config = backbone.config.vision_config
+    param = next(backbone.vision_tower.parameters())
+    return torch.zeros(1, config.num_channels, config.image_size, config.image_size, dtype=param.dtype,
+                       device=param.device)

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmmr1.models.families.base import EncodedImages, Family, build_tokenizer, save_tiny, text_settings
+from lmmr1.models.families.base import (
+    EncodedImages,
+    Family,
+    blank_square_image,
+    build_tokenizer,
+    save_tiny,
+    text_settings,
+)
 
 IMAGE = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE]
@@ -57,11 +64,7 @@ class Llava(Family):
         return list(backbone.get_image_features(pixel_values).pooler_output)
 
     def dummy_vision_output(self, backbone: nn.Module) -> Tensor:
-        config = backbone.config.vision_config
-        param = next(backbone.vision_tower.parameters())
-        pixels = torch.zeros(1, config.num_channels, config.image_size, config.image_size, dtype=param.dtype,
-                             device=param.device)
-        return backbone.get_image_features(pixels).pooler_output[0].sum()
+        return backbone.get_image_features(blank_square_image(backbone)).pooler_output[0].sum()
 
     def build_tiny(self, out: Path, seed: int) -> None:
         from transformers import LlavaConfig, LlavaForConditionalGeneration
