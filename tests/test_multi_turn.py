@@ -342,3 +342,50 @@ def test_one_step_of_the_demo_config_varies_the_reward_and_moves_the_weights(tmp
     assert float(logged[0]["train/advantage_abs_mean"]) > 0
     changed = [n for n, p in trained.items() if not torch.equal(p, start[n])]
     assert len(changed) > len(start) // 2, sorted(set(start) - set(changed))
+
+
+class PromptRecorder(ScriptedEngine):
+    """A scripted engine that keeps every turn's prompt batch."""
+
+    def __init__(self, script) -> None:  # noqa: ANN001
+        super().__init__(script)
+        self.prompts = []
+
+    def generate(self, prompts, sampling, *, seed=0):  # noqa: ANN001
+        self.prompts.append(prompts)
+        return super().generate(prompts, sampling, seed=seed)
+
+
+def test_the_frames_of_later_turns_reach_a_vllm_request(tiny_vl_path, tools, monkeypatch):
+    """vLLM encodes images itself: each turn's request carries every frame the environment showed so far (after the
+    prompt's own images), one collapsed image placeholder per image. Stand-in vllm module: no vLLM on CPU here."""
+    import sys
+    import types
+
+    from lmmr1.models.families import family_of
+    from lmmr1.rollout.vllm import VLLMEngine
+    from tests.test_vllm_ranks import FakeLLM, FakeSamplingParams
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    processor, tokenizer = tools
+    vllm_engine = VLLMEngine()
+    vllm_engine.bind(types.SimpleNamespace(path=str(tiny_vl_path)), tokenizer)
+    recorder = PromptRecorder(lambda row, turn: "hmm")  # invalid every turn: feedback and a new frame each time
+    engine = _engine(tiny_vl_path, tokenizer, recorder, env=SokobanGame(), max_turns=3)
+    (episode,), = engine.generate(processor([_row(LEVELS[1])]), SamplingConfig(n=1, max_new_tokens=8))
+    assert len(recorder.prompts) == 3 and episode.pixel_values is not None
+    image_item = tokenizer.convert_tokens_to_ids(family_of(_config(tiny_vl_path)).image_token)
+    for turn, batch in enumerate(recorder.prompts):
+        request, train_ids = vllm_engine._request(batch, 0)
+        images = request.get("multi_modal_data", {}).get("image", [])
+        assert len(images) == turn and all(hasattr(image, "size") for image in images)  # PIL frames, in order
+        assert request["prompt_token_ids"].count(image_item) == turn  # one collapsed placeholder per image
+        assert train_ids == batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+
+
+def _config(path):  # noqa: ANN001, ANN202
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)

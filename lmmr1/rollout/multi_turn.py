@@ -42,6 +42,7 @@ class _Episode:
     logprobs: list[float] = field(default_factory=list)
     pixel_values: list[Tensor] = field(default_factory=list)
     image_grid_thw: list[Tensor] = field(default_factory=list)
+    frames: list[Any] = field(default_factory=list)  # the environment's images (PIL), for engines that take images
     rewards: list[float] = field(default_factory=list)  # one per model turn
     invalid_actions: int = 0
     solved: bool = False
@@ -168,7 +169,10 @@ class MultiTurnEngine(RolloutEngine):
             own_grids = [g for g in [prompts.image_grid_thw[e.prompt], *e.image_grid_thw] if g is not None]
             pixels.append(torch.cat(own) if own else None)
             grids.append(torch.cat(own_grids) if own_grids else None)
-        return PromptBatch(input_ids, attention_mask, [prompts.rows[e.prompt] for e in episodes], pixels, grids)
+        # `_frames`: the later turns' images themselves, for engines that encode images on their own (vLLM)
+        rows = [{**prompts.rows[e.prompt], "_frames": list(e.frames)} if e.frames else prompts.rows[e.prompt]
+                for e in episodes]
+        return PromptBatch(input_ids, attention_mask, rows, pixels, grids)
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, seed: int = 0) -> list[list[Completion]]:
@@ -217,6 +221,7 @@ class MultiTurnEngine(RolloutEngine):
         if pixels is not None:
             e.pixel_values.append(pixels)
             e.image_grid_thw.append(grid)
+            e.frames.extend(step.observation.images)
 
     def _completion(self, e: _Episode) -> Completion:
         text = self.tokenizer.decode(e.tokens, skip_special_tokens=False)

@@ -234,13 +234,15 @@ class VLLMEngine(RolloutEngine):
         ids = prompts.input_ids[i][prompts.attention_mask[i].bool()].tolist()
         refs = [item["image"] for m in prompts.rows[i]["message"] if isinstance(m["content"], list)
                 for item in m["content"] if item.get("type") == "image" or "image" in item]
-        if not refs:
+        # the prompt's images, then those of later turns of a multi-turn episode (MultiTurnEngine's `_frames`)
+        images = [load_image(r) for r in refs] + list(prompts.rows[i].get("_frames", []))
+        if not images:
             return {"prompt_token_ids": ids}, ids
         # vLLM expands each image placeholder itself from the image: give it one placeholder per image (the chat
         # template's form, the family adapter's collapse) and the same PIL images the data processor used;
         # `generate` checks the expansion.
         collapsed = self._family.vllm_prompt_ids(ids, self.tokenizer)
-        return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": [load_image(r) for r in refs]}}, ids
+        return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": images}}, ids
 
     def _params(self, sampling: SamplingConfig, seed: int, i: int) -> Any:
         from vllm import SamplingParams
