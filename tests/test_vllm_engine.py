@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 
 from lmmr1.callbacks.weight_sync import WeightSync, policy_weights  # noqa: E402
 from lmmr1.data.processor import PromptProcessor  # noqa: E402
-from lmmr1.models.families.qwen_vl import VISION_TOKENS  # noqa: E402
+from lmmr1.models.families import family_of  # noqa: E402
 from lmmr1.modules.experience import Experience  # noqa: E402
 from lmmr1.modules.policy import Policy  # noqa: E402
 from lmmr1.rollout.base import SamplingConfig  # noqa: E402
@@ -35,7 +35,7 @@ TOL = 1e-3  # fp32
 
 def reference_logprobs(policy: Policy, exp: Experience, temperature: float, banned: list[int]) -> torch.Tensor:
     """(N, T) log-probs of the sampled tokens from the HF model's own logits, under the distribution the engine
-    samples from: logits / temperature with the vision placeholder tokens removed."""
+    samples from: logits / temperature with the family's banned tokens (vision placeholders) removed."""
     inputs = exp.model_inputs()
     T = inputs.pop("response_len")
     extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw") and v is not None}
@@ -57,7 +57,7 @@ def make_engines(path, **options):
                         kv_cache_memory_bytes=64 * 2**20, **options)
     hf.bind(policy, processor.tokenizer)
     engine.bind(policy, processor.tokenizer)
-    banned = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    banned = family_of(policy.model.config).banned_token_ids(processor.tokenizer)  # what the engines ban
     return policy, processor, hf, engine, banned
 
 
