@@ -115,8 +115,9 @@ class Family:
         raise NotImplementedError(f"{self.name}: no image features")
 
     def dummy_vision_output(self, backbone: nn.Module) -> Tensor:
-        """The image-side modules run on the smallest blank image, summed to a scalar (see distributed/vision.py)."""
-        raise NotImplementedError
+        """The image-side modules run on the smallest blank image, summed to a scalar (see distributed/vision.py).
+        Only called for families with a `vision_tower`, which must then define it."""
+        raise NotImplementedError(f"{self.name}: a vision tower without a dummy pass")
 
     # ---- tiny random models -----------------------------------------------------------------------------------
 
