@@ -2,7 +2,7 @@
 group, and the DeepSpeed strategy that also runs on CPU. The RL loop itself stays one loop for every topology: it asks
 these helpers for global statistics and they return local ones in a single process."""
 
-from lmmr1.distributed.groups import DataParallel, data_parallel, zero3_partitioned
+from lmmr1.distributed.groups import DataParallel, data_parallel, world_size, zero3_partitioned
 from lmmr1.distributed.reductions import all_gather_objects, all_reduce, any_rank, global_max, global_stats, global_sum
 from lmmr1.distributed.strategy import DeepSpeedStrategy
 
@@ -16,5 +16,6 @@ __all__ = [
     "global_max",
     "global_stats",
     "global_sum",
+    "world_size",
     "zero3_partitioned",
 ]

@@ -1,8 +1,8 @@
 """The data-parallel view of the process world: which share of every global batch this rank holds.
 
-Today every rank is its own data-parallel replica (rank r of W). Sequence parallelism will group ranks that share
-samples; the prompt stream and the global reductions ask this module instead of `torch.distributed` directly, so only
-this file changes then.
+Every rank is its own data-parallel replica (rank r of W), unless sequence parallelism groups k ranks that share
+samples (lmmr1/distributed/sequence_parallel.py): then there are W / k replicas, and the prompt stream and the global
+reductions see rank r // k of W / k. They ask this module instead of `torch.distributed` directly.
 """
 
 from __future__ import annotations
@@ -31,7 +31,17 @@ def data_parallel() -> DataParallel:
     """This process's data-parallel position; a single process outside any process group is rank 0 of 1."""
     if not (dist.is_available() and dist.is_initialized()):
         return DataParallel()
+    from lmmr1.distributed.sequence_parallel import data_parallel_view
+
+    view = data_parallel_view()
+    if view is not None:
+        return DataParallel(*view)
     return DataParallel(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def world_size() -> int:
+    """Every process of the job (data- x sequence-parallel); 1 outside a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def zero3_partitioned(module: Any) -> bool:

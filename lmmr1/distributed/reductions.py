@@ -7,21 +7,24 @@ computed over the global batch, or N ranks compute N different normalisations of
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lmmr1.distributed.groups import data_parallel
+from lmmr1.distributed.groups import data_parallel, world_size
 
 
-def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
-    """A reduced copy of `tensor` over the data-parallel ranks (op: sum | max | min); autograd does not flow
-    through it (statistics only). The input is left untouched."""
+def all_reduce(tensor: Tensor, op: str = "sum", world: bool = False) -> Tensor:
+    """A reduced copy of `tensor` over the data-parallel replicas, or over every process with `world` (op: sum | max
+    | min); autograd does not flow through it (statistics only). The input is left untouched."""
     dp = data_parallel()
     out = tensor.detach().clone()
-    if not dp.active:
+    if world and world_size() > 1:
+        dp = replace(dp, group=None)  # the default group: every process
+    elif not dp.active:
         return out
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     # gloo reduces float64/float32/int64 on CPU; keep the caller's dtype on the way back
@@ -36,8 +39,8 @@ def global_sum(tensor: Tensor) -> Tensor:
 
 
 def global_max(value: int | float) -> int | float:
-    """The largest of the ranks' Python numbers (e.g. micro-batch counts every rank must agree on)."""
-    out = all_reduce(torch.tensor(value, dtype=torch.float64), "max").item()
+    """The largest of every process's Python numbers (e.g. micro-batch counts every rank must agree on)."""
+    out = all_reduce(torch.tensor(value, dtype=torch.float64), "max", world=True).item()
     return int(out) if isinstance(value, int) else out
 
 

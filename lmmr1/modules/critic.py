@@ -7,7 +7,7 @@ import os
 from torch import Tensor, nn
 
 from lmmr1.modules.packing import response_hidden_states
-from lmmr1.modules.policy import apply_freeze, load_hf_model
+from lmmr1.modules.policy import apply_freeze, enable_sequence_parallel, load_hf_model
 
 
 class Critic(nn.Module):
@@ -37,6 +37,7 @@ class Critic(nn.Module):
         self.settings = dict(dtype=dtype, freeze=list(freeze or []), gradient_checkpointing=gradient_checkpointing,
                              attn_implementation=attn_implementation)
         self.lr, self.path, self.packing = lr, path and os.path.expanduser(path), packing
+        self.sequence_parallel_size = 1  # the policy's, set by `follow_sequence_parallel`
         self.backbone: nn.Module | None = None
         if self.path is not None:
             self.build(self.path)
@@ -57,6 +58,12 @@ class Critic(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))  # small values at start (as OpenRLHF)
         nn.init.zeros_(self.value_head.bias)
 
+    def follow_sequence_parallel(self, size: int) -> None:
+        """Split packed rows over `size` ranks, as the policy does (needs packing)."""
+        if size > 1:
+            enable_sequence_parallel(self.backbone, size, bool(self.packing), flag="--model.critic.init_args")
+        self.sequence_parallel_size = size
+
     def values(
         self,
         input_ids: Tensor,
@@ -67,7 +74,8 @@ class Critic(nn.Module):
     ) -> Tensor:
         """(N, P+T) sequences -> (N, T) float32 values; position t scores the state before response token t."""
         states = response_hidden_states(self.backbone, input_ids, attention_mask, response_len, pixel_values,
-                                        image_grid_thw, packing=self.packing)
+                                        image_grid_thw, packing=self.packing,
+                                        sequence_parallel=self.sequence_parallel_size > 1)
         return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def param_group(self) -> dict:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmmr1.distributed.sequence_parallel import decoder_on_slices, split_row
+from lmmr1.distributed.sequence_parallel import sequence_parallel as sequence_parallel_group
 from lmmr1.distributed.vision import vision_tower_in_graph
 from lmmr1.models.families import family_of
 
@@ -62,11 +64,14 @@ def response_hidden_states(
     pixel_values: Tensor | None = None,
     image_grid_thw: Tensor | None = None,
     packing: bool = False,
+    sequence_parallel: bool = False,
 ) -> Tensor:
     """(N, T, H) last hidden states at the positions that predict each of the last `response_len` tokens.
 
     `backbone` is the decoder without its LM head (`model.model` of a HF causal LM or image-text-to-text model).
     `image_grid_thw`: the images' grids for families that have them (Qwen-VL), else None.
+    `sequence_parallel` (with packing): the decoder runs on this rank's slice of the packed row, across the
+    sequence-parallel group formed by `init_sequence_parallel`; the returned states are the whole row's, on every rank.
     """
     family = family_of(backbone)
     extra = family.image_inputs(backbone.config, input_ids, pixel_values, image_grid_thw)
@@ -79,6 +84,14 @@ def response_hidden_states(
         family.check_packing()
         packed = pack_rows(input_ids, attention_mask, response_len, positions)
         extra = family.image_inputs(backbone.config, packed.input_ids, pixel_values, image_grid_thw)
-        out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
-                       use_cache=False, **extra)
-    return out.last_hidden_state[0][packed.state_index]
+        sp = sequence_parallel_group() if sequence_parallel else None
+        if sp is None or not sp.active:
+            out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                           use_cache=False, **extra)
+            return out.last_hidden_state[0][packed.state_index]
+        text_positions = packed.position_ids[0] if packed.position_ids.dim() == 3 else packed.position_ids
+        split = split_row(text_positions, sp)
+        with decoder_on_slices(family.decoder(backbone), split):
+            out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                           use_cache=False, **extra)
+        return split.whole(out.last_hidden_state, dim=1)[0][packed.state_index]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from lmmr1.distributed.sequence_parallel import use_sequence_parallel_attention
 from lmmr1.models.families import family_of
 from lmmr1.models.recipe import ModelRecipe
 from lmmr1.modules.packing import response_hidden_states
@@ -66,6 +67,20 @@ def _matches(name: str, prefixes: list[str]) -> bool:
     return any(("." + prefix) in dotted for prefix in prefixes)
 
 
+def enable_sequence_parallel(backbone: nn.Module, size: int, packing: bool,
+                             flag: str = "--model.policy.init_args") -> None:
+    """Refuse what sequence parallelism cannot split, then route the decoder's attention (of `backbone`, the model
+    without its LM head) through the split-row attention, which falls back to the model's own kernel for ordinary
+    forwards such as generation."""
+    if size < 1:
+        raise ValueError(f"{flag}.sequence_parallel_size: must be >= 1, got {size}")
+    if not packing:
+        raise ValueError(f"{flag}.sequence_parallel_size: {size} splits packed rows; set {flag}.packing true")
+    family = family_of(backbone.config)
+    family.check_sequence_parallel(f"{flag}.sequence_parallel_size")
+    use_sequence_parallel_attention(family.decoder(backbone))
+
+
 @dataclass
 class LoraSettings:
     """LoRA adapters through peft (arXiv:2106.09685); only adapter weights train."""
@@ -113,6 +128,7 @@ class Policy(nn.Module):
         lora: LoraSettings | None = None,
         packing: bool = False,
         make: ModelRecipe | None = None,
+        sequence_parallel_size: int = 1,
     ) -> None:
         """
         Args:
@@ -129,6 +145,9 @@ class Policy(nn.Module):
                 sequence (SDPA block-diagonal mask on CPU, flash-attn varlen on GPU). Same log-probs, less compute
                 when lengths vary.
             make: how to build `path` locally if it holds no model yet (e.g. {kind: tiny-vl}); see models/recipe.py.
+            sequence_parallel_size: k > 1 splits every packed row along the sequence over k ranks that share samples
+                (ring attention; needs packing, k must divide the world size). The reference model and the critic
+                follow it.
         """
         super().__init__()
         path = os.path.expanduser(path)  # configs may point into ~/.cache/lmmr1
@@ -140,6 +159,9 @@ class Policy(nn.Module):
         self.family = family_of(self.model.config)
         if packing:
             self.family.check_packing("--model.policy.packing")
+        self.sequence_parallel_size = sequence_parallel_size
+        if sequence_parallel_size > 1:
+            enable_sequence_parallel(self.model.model, sequence_parallel_size, packing)
         self.freeze = list(freeze or [])
         apply_freeze(self.model, self.freeze)
         self.lora = lora
@@ -204,7 +226,8 @@ class Policy(nn.Module):
             (logprobs, entropy), each (N, T), float32.
         """
         states = response_hidden_states(self.model.model, input_ids, attention_mask, response_len, pixel_values,
-                                        image_grid_thw, packing=self.packing)
+                                        image_grid_thw, packing=self.packing,
+                                        sequence_parallel=self.sequence_parallel_size > 1)
         targets = input_ids[:, -response_len:]
         head = self.model.get_output_embeddings()
         chunk = self.logprob_chunk or response_len

@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from lmmr1.data.processor import PromptBatch, concat_images
-from lmmr1.distributed import data_parallel, global_max, zero3_partitioned
+from lmmr1.distributed import global_max, world_size, zero3_partitioned
 from lmmr1.distributed.vision import vision_tower_before_generation
 from lmmr1.models.families import family_of
 from lmmr1.rollout.base import Completion, RolloutEngine, SamplingConfig
@@ -67,7 +67,7 @@ class HFEngine(RolloutEngine):
         device = next(model.parameters()).device
         rows = [i for i in range(len(prompts)) for _ in range(sampling.n)]  # prompt index of each of the N rows
         options = dict(generation_config=self._generation_config(sampling))
-        if data_parallel().active and zero3_partitioned(model):
+        if world_size() > 1 and zero3_partitioned(model):
             options.update(synced_gpus=True)  # ranks keep stepping until all are done: each step gathers weights
         completions: list[Completion] = []
         was_training = model.training

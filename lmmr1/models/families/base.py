@@ -44,6 +44,8 @@ class Family:
     end_of_turn: str | None = None
     """Token that ends an assistant turn in generation; None = the tokenizer's eos token."""
     supports_packing = True
+    supports_sequence_parallel = True
+    """Whether the decoder can run on slices of a packed row (lmmr1/distributed/sequence_parallel.py)."""
     position_scheme = "plain"
     """plain (1-D, counting real tokens) or mrope (3 axes: temporal, height, width; arXiv:2409.12191)."""
 
@@ -102,6 +104,15 @@ class Family:
         if not self.supports_packing:
             raise ValueError(f"{flag}: the {self.name} family does not support packing (see the README's families "
                              f"table); set packing: false")
+
+    def check_sequence_parallel(self, flag: str = "--model.policy.init_args.sequence_parallel_size") -> None:
+        if not self.supports_sequence_parallel:
+            raise ValueError(f"{flag}: the {self.name} family does not support sequence parallelism (see the README's "
+                             f"families table); set it to 1")
+
+    def decoder(self, backbone: nn.Module) -> nn.Module:
+        """The text decoder inside `backbone` (`model.model`): what sequence parallelism runs on slices."""
+        return getattr(backbone, "language_model", backbone)
 
     # ---- vision tower -----------------------------------------------------------------------------------------
 

@@ -173,6 +173,7 @@ class Qwen25VL(Qwen2VL):
 class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
+    supports_sequence_parallel = False  # its deepstack adds image features inside the decoder: not split yet
     patch_size = 16
 
     def tiny_config(self, tokenizer: Any, hidden_size: int = 64, layers: int = 2) -> Any:

@@ -1,0 +1,106 @@
+"""Sequence parallelism on CPU (2 gloo processes): a packed row split over 2 ranks gives the unsplit numbers.
+
+The micro-batch mixes image and text rows whose packed sequences straddle the split point, with a text row shorter
+than one slice and an odd packed length (so the row is padded to split evenly). Log-probs, entropies and critic values
+must match the 1-process packed forward, and the averaged gradients (as DDP averages them) its gradients, with and
+without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lmmr1.distributed.sequence_parallel import SequenceParallel, split_row
+from lmmr1.modules.critic import Critic
+from lmmr1.modules.packing import pack_rows, rope_positions
+from lmmr1.modules.policy import Policy
+from tests.test_packing import _rollout_like
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _torchrun(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    port = 29500 + (os.getpid() * 13 + len(script)) % 2000
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(ROOT / "tests/workers" / script), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def split_batch(tiny_vl_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sp-rows")
+    rows = []
+    for i, size in enumerate([(56, 56), (84, 112)]):
+        path = folder / f"img{i}.png"
+        Image.new("RGB", size, (40 * i, 100, 200)).save(path)
+        rows.append({"message": [{"role": "user", "content": [{"type": "image", "image": str(path)},
+                                                              {"type": "text", "text": f"What is {i} + 2?"}]}]})
+    rows.append({"message": [{"role": "user", "content": "Hi?"}]})  # shorter than one slice
+    rows.append({"message": [{"role": "user", "content": "A longer question, so prompts are padded unevenly?"}]})
+    inputs, mask = _rollout_like(tiny_vl_path, rows, [5, 2, 7, 1])
+    packed_length = int(inputs["attention_mask"].sum())
+    if packed_length % 2 == 0:  # make the row odd, so the split pads it
+        inputs["attention_mask"][3, -inputs["response_len"] + 1] = 1
+        mask[3, 1] = 1
+        packed_length += 1
+    path = folder / "inputs.pt"
+    torch.save((inputs, mask), path)
+    return path, inputs, mask, packed_length
+
+
+def test_split_row_slices_every_sequence_at_the_right_place(tiny_vl_path, split_batch):
+    _, inputs, _, packed_length = split_batch
+    policy = Policy(str(tiny_vl_path), packing=True)
+    positions = rope_positions(policy.model.model, inputs["input_ids"], inputs["attention_mask"],
+                               inputs["image_grid_thw"])
+    packed = pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["response_len"], positions)
+    halves = [split_row(packed.position_ids[0], SequenceParallel(rank=r, size=2)) for r in range(2)]
+    assert halves[0].length == packed_length and halves[0].padded == packed_length + 1
+    ids = halves[0].sequence_ids
+    boundary = halves[0].chunk
+    assert ids[boundary - 1] == ids[boundary], "a sequence must straddle the split point for the test to mean much"
+    assert len(set(ids[:packed_length].tolist())) == 4 and ids[-1] == 5  # 4 rows, then the padding's own sequence
+    # each rank's mask row of a query equals the unsplit causal block-diagonal mask row
+    whole = (ids[:, None] == ids[None, :]) & torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    assert torch.equal(torch.cat([h.local_mask(torch.device("cpu")) for h in halves]), whole)
+
+
+@pytest.mark.timeout(420)
+def test_two_rank_split_equals_the_unsplit_row(tiny_vl_path, split_batch, tmp_path):
+    path, inputs, mask, _ = split_batch
+    _torchrun("sequence_parallel_forward.py", str(tiny_vl_path), str(path), str(tmp_path / "sp.pt"))
+    split = torch.load(tmp_path / "sp.pt", weights_only=False)
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = Policy(str(tiny_vl_path), packing=True, gradient_checkpointing=checkpointing)
+        logprobs, entropy = policy.logprobs(**inputs)
+        ((logprobs * mask).sum() + (entropy * mask).sum()).backward()
+        got = split[f"policy-{checkpointing}"]
+        assert got["decoder_lengths"] == [(inputs["attention_mask"].sum().item() + 1) // 2] * 2  # each rank: a half
+        torch.testing.assert_close(got["logprobs"] * mask, logprobs.detach() * mask, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["entropy"] * mask, entropy.detach() * mask, atol=1e-5, rtol=0)
+        _assert_gradients_match(policy, got["grads"], f"policy (checkpointing={checkpointing})")
+    torch.manual_seed(0)
+    critic = Critic(str(tiny_vl_path), packing=True)
+    values = critic.values(**inputs)
+    (values * mask).sum().backward()
+    torch.testing.assert_close(split["critic"]["values"] * mask, values.detach() * mask, atol=1e-5, rtol=0)
+    _assert_gradients_match(critic, split["critic"]["grads"], "critic")
+
+
+def _assert_gradients_match(module: torch.nn.Module, grads: dict[str, torch.Tensor], what: str) -> None:
+    expected = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys(), what
+    assert any("visual" in n for n in expected), "the vision tower must get gradient for the test to cover images"
+    for name, grad in expected.items():
+        error = float((grads[name] - grad).norm() / grad.norm().clamp(min=1e-12))
+        assert error <= 1e-5, f"{what}: {name} gradient differs by {error:.2e} (relative)"
