@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lmmr1.distributed.sequence_parallel import SequenceParallel, split_row
+from lmmr1.distributed.sequence_parallel import SequenceParallel, init_sequence_parallel, split_row
+from lmmr1.models.families.gemma3 import Gemma3
+from lmmr1.models.families.qwen_vl import Qwen3VL
 from lmmr1.modules.critic import Critic
 from lmmr1.modules.packing import pack_rows, rope_positions
 from lmmr1.modules.policy import Policy
@@ -104,3 +106,55 @@ def _assert_gradients_match(module: torch.nn.Module, grads: dict[str, torch.Tens
     for name, grad in expected.items():
         error = float((grads[name] - grad).norm() / grad.norm().clamp(min=1e-12))
         assert error <= 1e-5, f"{what}: {name} gradient differs by {error:.2e} (relative)"
+
+
+def _fit(tiny_vl_path: Path, cwd: Path, devices: int) -> dict[str, torch.Tensor]:
+    """2 steps of `lmmr1 fit` on the smoke config (text and image prompts, packing) in `cwd` (its data is made there);
+    the final weights."""
+    from transformers import AutoModelForImageTextToText
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    # the random model never earns the math reward (zero advantages, nothing to learn): reward length instead
+    (cwd / "length.py").write_text("def length(responses, rows):\n    return [len(r) / 20 for r in responses]\n")
+    command = [str(Path(sys.executable).parent / "lmmr1"), "fit", "-c", str(ROOT / "configs/demo/smoke.yaml"),
+               "--trainer.devices", str(devices), "--trainer.max_steps", "2", "--trainer.default_root_dir", "run",
+               "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
+               "--trainer.callbacks", "[{class_path: lmmr1.callbacks.hf_checkpoint.HFCheckpoint}]",
+               "--model.policy.init_args.path", str(tiny_vl_path), "--model.policy.init_args.packing", "true",
+               "--model.reward", "length.py:length", "--model.optimizer.init_args.lr", "1e-2"]
+    if devices > 1:
+        command += ["--trainer.strategy", "ddp", "--model.policy.init_args.sequence_parallel_size", str(devices)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    if devices > 1:
+        assert f"sequence parallelism: 1 data-parallel replica(s) x {devices} ranks per packed row" in result.stdout + result.stderr
+    model = AutoModelForImageTextToText.from_pretrained(cwd / "run" / "hf" / "final")
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.timeout(900)
+def test_fit_with_one_sequence_parallel_group_of_two_takes_the_one_process_steps(tiny_vl_path, tmp_path):
+    """`lmmr1 fit --trainer.devices 2 --model.policy.init_args.sequence_parallel_size 2` (one data-parallel replica)
+    updates the policy as one process does on the same prompts (the same rollouts, every row split over 2 ranks)."""
+    from transformers import AutoModelForImageTextToText
+
+    one, two = _fit(tiny_vl_path, tmp_path / "one", 1), _fit(tiny_vl_path, tmp_path / "two", 2)
+    initial = {k: v.float() for k, v in AutoModelForImageTextToText.from_pretrained(tiny_vl_path).state_dict().items()}
+    update_one = torch.cat([(one[k] - initial[k]).flatten() for k in initial])
+    update_two = torch.cat([(two[k] - initial[k]).flatten() for k in initial])
+    assert update_one.norm() > 1e-3  # the steps moved the weights
+    error = float((update_two - update_one).norm() / update_one.norm())
+    print(f"relative update error {error:.2e}")
+    assert error < 1e-4, f"the sequence-parallel run's update differs from the 1-process update by {error:.2e}"
+
+
+def test_config_errors_name_the_option(tiny_vl_path):
+    with pytest.raises(ValueError, match=r"sequence_parallel_size: 2 splits packed rows; set .*packing true"):
+        Policy(str(tiny_vl_path), sequence_parallel_size=2)
+    with pytest.raises(ValueError, match=r"sequence_parallel_size: 2 does not divide the world size 1"):
+        init_sequence_parallel(2)
+    with pytest.raises(ValueError, match="qwen3_vl family does not support sequence parallelism"):
+        Qwen3VL().check_sequence_parallel()
+    with pytest.raises(ValueError, match="gemma3 family does not support packing"):
+        Gemma3().check_packing()

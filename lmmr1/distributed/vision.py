@@ -18,13 +18,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lmmr1.distributed.groups import data_parallel
+from lmmr1.distributed.groups import world_size
 from lmmr1.models.families import family_of
 
 
 def _needed(backbone: nn.Module, has_images: bool) -> nn.Module | None:
     visual = family_of(backbone).vision_tower(backbone)
-    return visual if visual is not None and not has_images and data_parallel().active else None
+    return visual if visual is not None and not has_images and world_size() > 1 else None
 
 
 def run_on_dummy(backbone: nn.Module) -> Tensor:
@@ -42,7 +42,7 @@ def vision_tower_before_generation(backbone: nn.Module, has_images: bool) -> Non
 @contextmanager
 def vision_tower_in_graph(backbone: nn.Module, has_images: bool) -> Iterator[None]:
     """Within this context, the next forward of `backbone` (an image-text-to-text decoder) runs its vision tower
-    on a dummy image when this micro-batch has none and there is more than one data-parallel rank."""
+    on a dummy image when this micro-batch has none and there is more than one process."""
     visual = _needed(backbone, has_images)
     if visual is None:
         yield

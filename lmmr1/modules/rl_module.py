@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import AutoTokenizer
 
@@ -29,6 +29,7 @@ from lmmr1.distributed import (
     global_stats,
     global_sum,
 )
+from lmmr1.distributed.sequence_parallel import broadcast_from_group_leader, init_sequence_parallel, sequence_parallel
 from lmmr1.modules.algorithm_config import AlgorithmConfig
 from lmmr1.modules.algorithms import (
     ADVANTAGE_ESTIMATORS,
@@ -140,6 +141,8 @@ class RLModule(L.LightningModule):
             critic.build(policy.path)
         if critic is not None and critic.packing is None:
             critic.packing = policy.packing
+        if critic is not None:
+            critic.follow_sequence_parallel(policy.sequence_parallel_size)
         self.critic = critic
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         self.eval_means = EvalMeans()  # validation/test means, gathered over ranks at the end of each epoch
@@ -152,7 +155,8 @@ class RLModule(L.LightningModule):
             # built like the policy (dtype, attention kernel, packing): a kernel difference alone would be a KL floor
             self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
                                     attn_implementation=policy.attn_implementation,
-                                    logprob_chunk=policy.logprob_chunk, packing=policy.packing)
+                                    logprob_chunk=policy.logprob_chunk, packing=policy.packing,
+                                    sequence_parallel_size=policy.sequence_parallel_size)
             self.reference.requires_grad_(False).eval()
         self.kl_controller = build_kl_controller(self.algorithm.kl)
         self.grad_clip = self.algorithm.grad_clip.build()
@@ -161,6 +165,10 @@ class RLModule(L.LightningModule):
 
     # ---- Lightning plumbing -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        init_sequence_parallel(self.policy.sequence_parallel_size)  # before any dataloader asks for its share
+        if sequence_parallel().active:
+            rank_zero_info(f"sequence parallelism: {data_parallel().size} data-parallel replica(s) x "
+                           f"{sequence_parallel().size} ranks per packed row")
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy.path, padding_side="left")
         self.engine.bind(self.policy, self.tokenizer)
         if stage == "fit" and holds_own_weights(self.engine) and not any(
@@ -360,7 +368,7 @@ class RLModule(L.LightningModule):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
     def _generate(self, batch: PromptBatch, seed: int) -> tuple[Experience, RewardOutput]:
-        completions = self.engine.generate(batch, self.sampling, seed=seed)
+        completions = broadcast_from_group_leader(self.engine.generate(batch, self.sampling, seed=seed))
         exp = Experience.from_rollout(batch, completions, self.tokenizer.pad_token_id).to(self.device)
         return exp, self.reward(exp.responses, exp.rows)
 
