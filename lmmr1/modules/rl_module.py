@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -79,6 +81,20 @@ def _merge_scores(parts: list[RewardOutput]) -> RewardOutput:
     return RewardOutput([t for p in parts for t in p.total],
                         {k: [v for p in parts for v in p.components.get(k, [float("nan")] * len(p.total))]
                          for k in names}, stats)
+
+
+PERF_PHASES = ("generate", "reward", "old_logprob", "ref", "train")
+"""Phases of a training step whose wall seconds are logged every step as `perf/<phase>_s`."""
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall time to `seconds[phase]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -160,6 +176,7 @@ class RLModule(L.LightningModule):
             self.reference.requires_grad_(False).eval()
         self.kl_controller = build_kl_controller(self.algorithm.kl)
         self.grad_clip = self.algorithm.grad_clip.build()
+        self.perf = dict.fromkeys(PERF_PHASES, 0.0)  # this step's seconds per phase (rank-local), logged as perf/*
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss or gradient, and how many in a row
         self.nonfinite_in_a_row = 0
 
@@ -229,6 +246,7 @@ class RLModule(L.LightningModule):
     # max_steps, val_check_interval, checkpoint intervals and curriculum stages all count in these units.
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
         start = time.perf_counter()
+        self.perf = dict.fromkeys(PERF_PHASES, 0.0)
         algo = self.algorithm
         rollout = self._rollout(batch)
         self.engine.sleep()  # an engine with its own weights frees memory for training; WeightSync wakes it
@@ -242,6 +260,7 @@ class RLModule(L.LightningModule):
         if not samples:  # no rank kept a group: no update at all (Adam's moments and the KL term stay put)
             steps = []
             self._count_step_without_update(optimizer)
+        train_start = time.perf_counter()
         for step, rows in enumerate(steps):
             last = step == len(steps) - 1
             mini = exp.select(rows)
@@ -263,6 +282,7 @@ class RLModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             if self.make_lr_scheduler is not None:  # manual optimization: Lightning does not step schedulers
                 self.lr_schedulers().step()
+        self.perf["train"] = time.perf_counter() - train_start
         kl = self._global_token_mean(KL_ESTIMATORS[algo.kl.estimator](exp.old_logprobs, exp.ref_logprobs),
                                      exp.response_mask) if exp.ref_logprobs is not None else torch.zeros(())
         if samples:
@@ -368,9 +388,11 @@ class RLModule(L.LightningModule):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
     def _generate(self, batch: PromptBatch, seed: int) -> tuple[Experience, RewardOutput]:
-        completions = broadcast_from_group_leader(self.engine.generate(batch, self.sampling, seed=seed))
-        exp = Experience.from_rollout(batch, completions, self.tokenizer.pad_token_id).to(self.device)
-        return exp, self.reward(exp.responses, exp.rows)
+        with _timed(self.perf, "generate"):
+            completions = broadcast_from_group_leader(self.engine.generate(batch, self.sampling, seed=seed))
+            exp = Experience.from_rollout(batch, completions, self.tokenizer.pad_token_id).to(self.device)
+        with _timed(self.perf, "reward"):
+            return exp, self.reward(exp.responses, exp.rows)
 
     def _rollout_seed(self, batch: PromptBatch) -> int:
         """From the global stream position of this rank's first prompt: ranks sample differently, resume repeats."""
@@ -430,13 +452,15 @@ class RLModule(L.LightningModule):
         """Old/reference log-probs, KL-in-reward, overlong penalty and advantages for the whole batch."""
         algo = self.algorithm
         if algo.recompute_old_logprobs:
-            exp.old_logprobs = self._forward_all(exp, filler, lambda m: self.policy.logprobs(
-                **m.model_inputs(), temperature=self._temperature)[0])
+            with _timed(self.perf, "old_logprob"):
+                exp.old_logprobs = self._forward_all(exp, filler, lambda m: self.policy.logprobs(
+                    **m.model_inputs(), temperature=self._temperature)[0])
         else:
             exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
-            exp.ref_logprobs = self._forward_all(exp, filler, lambda m: self.reference.logprobs(
-                **m.model_inputs(), temperature=self._temperature)[0])
+            with _timed(self.perf, "ref"):
+                exp.ref_logprobs = self._forward_all(exp, filler, lambda m: self.reference.logprobs(
+                    **m.model_inputs(), temperature=self._temperature)[0])
         if self.critic is not None:
             exp.values = self._forward_all(exp, filler, lambda m: self.critic.values(**m.model_inputs()))
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
@@ -557,7 +581,8 @@ class RLModule(L.LightningModule):
                          "rollout/dropped_groups": rollout.generated_groups - kept_groups})
         logs = global_stats(means, sums, {"train/step_time": seconds, "rollout/generation_rounds": rollout.rounds})
         logs.update({"train/kl": float(kl), "train/kl_coef": float(self.kl_controller.coef),
-                     "train/optimizer_steps": float(optimizer_steps)})
+                     "train/optimizer_steps": float(optimizer_steps),
+                     **{f"perf/{phase}_s": seconds for phase, seconds in self.perf.items()}})
         self.log_dict(logs, batch_size=len(exp))
         self.log("reward", logs["train/reward/total"], prog_bar=True, logger=False, batch_size=len(exp))
         if "train/reward/accuracy" in logs:
