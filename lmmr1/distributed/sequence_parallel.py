@@ -169,11 +169,8 @@ class SplitRow:
         return x.narrow(dim, self.start, self.chunk)
 
     def whole(self, local: Tensor, dim: int = 1) -> Tensor:
-        """The whole row from every rank's slice of it (zeros elsewhere, summed over the group), cut to `length`."""
-        before = local.new_zeros(_resize(local.shape, dim, self.start))
-        after = local.new_zeros(_resize(local.shape, dim, self.padded - self.start - self.chunk))
-        full = torch.cat([before, local, after], dim=dim)
-        return _SumOverGroup.apply(full, self.sp).narrow(dim, 0, self.length)
+        """The whole row from every rank's slice of it, cut to `length`."""
+        return assemble(local, self.start, self.padded, self.sp, dim).narrow(dim, 0, self.length)
 
     def gather(self, local: Tensor, dim: int) -> Tensor:
         """Every rank's slice concatenated along `dim` (keys/values of the whole padded row)."""
@@ -193,10 +190,16 @@ class SplitRow:
         return torch.cat([starts, torch.tensor([self.padded], device=device)]).to(torch.int32)
 
 
-def _resize(shape: torch.Size, dim: int, size: int) -> list[int]:
-    out = list(shape)
-    out[dim] = size
-    return out
+def assemble(local: Tensor, start: int, total: int, sp: SequenceParallel, dim: int = 0) -> Tensor:
+    """A tensor of `total` along `dim` from every rank's piece of it (this rank's begins at `start`; zeros elsewhere,
+    summed over the group), on every rank; differentiable (see the module docstring)."""
+    def zeros(size: int) -> Tensor:
+        shape = list(local.shape)
+        shape[dim] = size
+        return local.new_zeros(shape)
+
+    full = torch.cat([zeros(start), local, zeros(total - start - local.shape[dim])], dim=dim)
+    return _SumOverGroup.apply(full, sp)
 
 
 def split_row(text_positions: Tensor, sp: SequenceParallel) -> SplitRow:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from lmmr1.distributed.sequence_parallel import use_sequence_parallel_attention
+from lmmr1.distributed.sequence_parallel import assemble, sequence_parallel, use_sequence_parallel_attention
 from lmmr1.models.families import family_of
 from lmmr1.models.recipe import ModelRecipe
 from lmmr1.modules.packing import response_hidden_states
@@ -229,10 +229,22 @@ class Policy(nn.Module):
                                         image_grid_thw, packing=self.packing,
                                         sequence_parallel=self.sequence_parallel_size > 1)
         targets = input_ids[:, -response_len:]
+        sp = sequence_parallel()
+        if self.sequence_parallel_size == 1 or not sp.active:
+            return self._head_stats(states, targets, temperature, self.logprob_chunk or response_len)
+        # the LM head's vocabulary-wide logits are the largest activations: split them too. Each rank scores an equal
+        # share of the response positions (the states are whole on every rank), and the shares are summed back.
+        n, t = targets.shape
+        lo, hi = sp.rank * n * t // sp.size, (sp.rank + 1) * n * t // sp.size
+        mine = self._head_stats(states.reshape(n * t, -1)[lo:hi].unsqueeze(0), targets.reshape(1, n * t)[:, lo:hi],
+                                temperature, n * (self.logprob_chunk or t))
+        return tuple(assemble(x[0], lo, n * t, sp).view(n, t) for x in mine)
+
+    def _head_stats(self, states: Tensor, targets: Tensor, temperature: float, chunk: int) -> tuple[Tensor, Tensor]:
+        """(logprobs, entropy) of (N, T) targets from (N, T, H) states, `chunk` positions of each row at a time."""
         head = self.model.get_output_embeddings()
-        chunk = self.logprob_chunk or response_len
         pieces = []
-        for start in range(0, response_len, chunk):
+        for start in range(0, targets.shape[1], chunk):
             # the head is called as a module, never read as `head.weight`: under ZeRO-3 the weight is an empty shard
             # outside the module's forward, which is what gathers it (and re-gathers it for the backward)
             args = (states[:, start : start + chunk].contiguous(), targets[:, start : start + chunk], head, temperature)
@@ -243,10 +255,18 @@ class Policy(nn.Module):
         return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
 
 
-def _token_stats(states: Tensor, targets: Tensor, head: nn.Module, temperature: float) -> tuple[Tensor, Tensor]:
-    """Log-prob of each target token and the entropy of its distribution, from hidden states via the LM head."""
-    logits = head(states).float() / temperature  # (N, t, V)
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
+def _token_stats(states: Tensor, targets: Tensor, head: nn.Module, temperature: float,
+                 entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of each target token and (if `entropy`) the entropy of its distribution, from hidden states via the
+    LM head, in float32 whatever the model's dtype.
+
+    The chunk's logits are cast to float32 once and never normalised as a whole: log p = logit - logsumexp(logits),
+    entropy = logsumexp - E_p[logit], so no full-vocabulary log-softmax (or its exp) is materialised beside them."""
+    logits = head(states).float()  # (N, t, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)  # (N, t)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not entropy:
+        return logprobs, None
+    return logprobs, normaliser - torch.linalg.vecdot(torch.softmax(logits, dim=-1), logits)

@@ -1,0 +1,127 @@
+"""Does sequence parallelism shrink what one process holds? One packed row of L tokens through the mini LMM's training
+forward and backward (log-probs + entropy of every response token, gradient checkpointing on), with the row whole in
+one process (SP 1) and split over 2 processes (SP 2), each configuration a fresh torchrun launch, printed side by side:
+peak RSS per process, the part of it above the loaded model and its gradient buffers (activations, attention,
+communication buffers), and as ratios SP 2 / SP 1; then the longest measured row whose peak stays under a per-process
+memory cap.
+
+    .venv/bin/python benchmarks/sequence_parallel.py                          # L = 2048 4096 8192, cap 3 GB
+    .venv/bin/python benchmarks/sequence_parallel.py --lengths 1024 2048 --cap-gb 2.5 --dtype float32
+
+The row holds `--sequences` packed sequences of L / sequences tokens, each half prompt and half response. Every
+process gets OMP_NUM_THREADS = CPUs // processes. The peak is `ru_maxrss` of each process (the largest over the
+ranks is printed), the baseline its RSS right after the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: load the model, run one training forward/backward on the packed row, report memory and time."""
+    import torch
+    import torch.distributed as dist
+
+    from lmmr1.distributed.sequence_parallel import init_sequence_parallel
+    from lmmr1.modules.policy import Policy
+
+    dist.init_process_group("gloo")
+    size = dist.get_world_size()
+    init_sequence_parallel(size)
+    policy = Policy(args.model, dtype=args.dtype, packing=True, gradient_checkpointing=True,
+                    sequence_parallel_size=size, logprob_chunk=args.logprob_chunk)
+    for param in policy.parameters():  # gradient buffers count as the model's, not as activations
+        param.grad = torch.zeros_like(param)
+    baseline = _rss_mb()
+    per_sequence = args.length // args.sequences
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(100, 40000, (args.sequences, per_sequence), generator=gen)
+    response_len = per_sequence // 2
+    start = time.perf_counter()
+    logprobs, entropy = policy.logprobs(input_ids, torch.ones_like(input_ids), response_len)
+    (logprobs.sum() + entropy.sum()).backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = [None] * size
+    dist.all_gather_object(report, {"peak_mb": peak, "baseline_mb": baseline, "seconds": seconds})
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(report), flush=True)
+    dist.destroy_process_group()
+
+
+def launch(args: argparse.Namespace, length: int, processes: int) -> dict[str, float]:
+    port = 29500 + (os.getpid() + length + processes) % 2000
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}",
+           __file__, "--worker", "--length", str(length), "--model", args.model, "--dtype", args.dtype,
+           "--sequences", str(args.sequences), "--logprob-chunk", str(args.logprob_chunk)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, CPUS // processes)), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        return {"error": (result.stderr or result.stdout)[-300:].strip().splitlines()[-1]}
+    ranks = json.loads(lines[-1].removeprefix("RESULT "))
+    return {"peak_mb": max(r["peak_mb"] for r in ranks),
+            "above_model_mb": max(r["peak_mb"] - r["baseline_mb"] for r in ranks),
+            "seconds": max(r["seconds"] for r in ranks)}
+
+
+def main() -> None:
+    from lmmr1.models.mini import default_mini_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=str(default_mini_dir()))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--length", type=int, default=2048, help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--sequences", type=int, default=4, help="packed sequences in the row")
+    parser.add_argument("--logprob-chunk", type=int, default=32,
+                        help="response positions per row per LM-head chunk (small: the vocabulary-wide logits of one "
+                             "chunk are a constant that would hide how activations grow with the row)")
+    parser.add_argument("--cap-gb", type=float, default=3.0, help="per-process memory cap for the longest-row line")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if not Path(args.model, "config.json").is_file():
+        sys.exit(f"{args.model}: no model; run `lmmr1 model prepare-mini` first")
+    print(f"mini LMM ({args.dtype}), one packed row of {args.sequences} sequences, gradient checkpointing, LM-head "
+          f"chunks of {args.logprob_chunk} positions per row, {CPUS} CPUs; per process:")
+    header = f"{'tokens':>7} | {'SP1 peak':>9} {'SP2 peak':>9} {'ratio':>6} | {'SP1 >model':>10} {'SP2 >model':>10} " \
+             f"{'ratio':>6} | {'SP1 s':>6} {'SP2 s':>6}"
+    print(header)
+    print("-" * len(header))
+    results: dict[int, dict[int, dict[str, float]]] = {}
+    for length in args.lengths:
+        results[length] = {k: launch(args, length, k) for k in (1, 2)}
+        one, two = results[length][1], results[length][2]
+        if "error" in one or "error" in two:
+            print(f"{length:>7} | failed: {one.get('error') or two.get('error')}")
+            continue
+        print(f"{length:>7} | {one['peak_mb']:>7.0f}MB {two['peak_mb']:>7.0f}MB {two['peak_mb'] / one['peak_mb']:>6.2f}"
+              f" | {one['above_model_mb']:>8.0f}MB {two['above_model_mb']:>8.0f}MB "
+              f"{two['above_model_mb'] / one['above_model_mb']:>6.2f} | {one['seconds']:>6.1f} {two['seconds']:>6.1f}",
+              flush=True)
+    cap = args.cap_gb * 1024
+    for k in (1, 2):
+        fits = [n for n in args.lengths if results[n][k].get("peak_mb", float("inf")) <= cap]
+        print(f"longest measured row under {args.cap_gb:g} GB per process, SP {k}: {max(fits) if fits else 'none'}")
+
+
+if __name__ == "__main__":
+    main()
