@@ -5,7 +5,18 @@ Speed itself is measured by benchmarks/vs_trl.py, not timed here; these tests ch
 
 from __future__ import annotations
 
-from tests.test_fit_e2e import _fit
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lmmr1.data.processor import PromptProcessor
+from lmmr1.modules.algorithm_config import AlgorithmConfig
+from lmmr1.modules.master_weights import MasterWeights
+from lmmr1.modules.policy import Policy, _token_stats
+from lmmr1.modules.rl_module import RLModule
+from lmmr1.rollout.base import SamplingConfig
+from tests.test_fit_e2e import LengthReward, _fit
 
 
 def test_every_step_logs_the_seconds_of_each_phase(tiny_vl_path, mixed_rows, tmp_path):
@@ -14,3 +25,66 @@ def test_every_step_logs_the_seconds_of_each_phase(tiny_vl_path, mixed_rows, tmp
     assert set(seconds) == {f"perf/{p}_s" for p in ("generate", "reward", "old_logprob", "ref", "train")}
     # every phase ran in this configuration (reference on, old log-probs recomputed), so each took some time
     assert all(s > 0 for s in seconds.values()), seconds
+
+
+def _reference_token_stats(states, targets, head, temperature):
+    """The obviously-correct computation: the whole log-softmax, then gather, then -sum p log p."""
+    logp = torch.log_softmax(head(states).float() / temperature, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_lm_head_path_equals_the_full_log_softmax_values_and_gradients(temperature):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    states = torch.randn(3, 5, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (3, 5))
+    fast_lp, fast_ent = _token_stats(states, targets, head, temperature)
+    ref_lp, ref_ent = _reference_token_stats(states, targets, head, temperature)
+    torch.testing.assert_close(fast_lp, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_ent, ref_ent, atol=1e-5, rtol=0)
+    fast = torch.autograd.grad((fast_lp.sum() + fast_ent.sum()), [states, head.weight])
+    ref = torch.autograd.grad((ref_lp.sum() + ref_ent.sum()), [states, head.weight])
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    lp, ent = _token_stats(states, targets, head, temperature, entropy=False)
+    assert ent is None  # no entropy asked: none computed
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+
+
+def test_master_weights_accumulate_updates_that_bf16_weights_round_away():
+    # bf16 values just below 1.0 are 2^-8 = 0.0039 apart: an SGD step of 0.001 rounds back to 1.0 every time
+    bare = torch.nn.Parameter(torch.ones(1, dtype=torch.bfloat16))
+    kept = torch.nn.Parameter(torch.ones(1, dtype=torch.bfloat16))
+    master = MasterWeights([{"params": [kept]}])
+    plain_sgd = torch.optim.SGD([bare], lr=1e-3)
+    master_sgd = torch.optim.SGD(master.groups, lr=1e-3)
+    for _ in range(10):
+        for p in (bare, kept):
+            p.grad = torch.ones_like(p)
+        plain_sgd.step()
+        master.grads_to_master()
+        master_sgd.step()
+        master.master_to_model()
+    assert bare.item() == 1.0  # ten updates lost
+    # the float32 copy holds 1 - 10 * 0.001 = 0.99; the bf16 weight is its rounding, 0.98828125 (= 1 - 3 * 2^-8)
+    assert master.groups[0]["params"][0].item() == pytest.approx(0.99, abs=1e-6)
+    assert kept.item() == 0.98828125
+
+
+def test_a_bf16_policy_trains_through_float32_master_weights(tiny_vl_path, mixed_rows, tmp_path):
+    proc = PromptProcessor(tiny_vl_path)
+    policy = Policy(str(tiny_vl_path), dtype="bfloat16", freeze=["visual."])  # text rows: no vision gradients
+    module = RLModule(policy=policy, reward=LengthReward(),
+                      sampling=SamplingConfig(n=4, max_new_tokens=8), algorithm=AlgorithmConfig(),
+                      optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0))  # an RL lr
+    names = {p: n for n, p in module.policy.named_parameters() if p.requires_grad}
+    before = {n: p.detach().float().clone() for n, p in module.policy.named_parameters()}
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              default_root_dir=tmp_path).fit(module, DataLoader([proc(mixed_rows[2:])] * 2, batch_size=None))
+    assert module.master is not None and len(module.master.pairs) == len(names)
+    for param, master in module.master.pairs:
+        moved = (master.detach() - before[names[param]]).abs().max().item()
+        # two Adam steps of lr 1e-6 move each trained weight by up to ~2e-6: kept in float32, lost in bf16 rounding
+        assert 0 < moved < 1e-5, names[param]
+        assert param.dtype == torch.bfloat16 and torch.equal(param, master.detach().to(torch.bfloat16))

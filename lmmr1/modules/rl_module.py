@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import AutoTokenizer
@@ -59,6 +60,7 @@ from lmmr1.modules.evaluation import (
     pass_metrics,
 )
 from lmmr1.modules.experience import Experience
+from lmmr1.modules.master_weights import MasterWeights
 from lmmr1.modules.policy import Policy
 from lmmr1.rewards import Reward, RewardOutput, build_reward
 from lmmr1.rollout.base import RolloutEngine, SamplingConfig
@@ -177,6 +179,8 @@ class RLModule(L.LightningModule):
         self.kl_controller = build_kl_controller(self.algorithm.kl)
         self.grad_clip = self.algorithm.grad_clip.build()
         self.perf = dict.fromkeys(PERF_PHASES, 0.0)  # this step's seconds per phase (rank-local), logged as perf/*
+        self.master: MasterWeights | None = None  # float32 copies of bf16/fp16 weights for the optimizer
+        self._saved_master: list[Tensor] | None = None
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss or gradient, and how many in a row
         self.nonfinite_in_a_row = 0
 
@@ -202,6 +206,12 @@ class RLModule(L.LightningModule):
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
         if self.critic is not None:
             groups.append(self.critic.param_group())  # one optimizer (DeepSpeed drives one), own lr per group
+        if not isinstance(getattr(self._trainer, "strategy", None), DeepSpeedStrategy):  # DeepSpeed keeps its own
+            self.master = MasterWeights(groups) or None  # bf16 weights: the optimizer steps float32 copies
+            if self.master is not None:
+                groups = self.master.groups
+                if self._saved_master is not None:
+                    self.master.load_state_dict(self._saved_master)
         optimizer = torch.optim.AdamW(groups, lr=1e-6) if self.make_optimizer is None else self.make_optimizer(groups)
         if self.make_lr_scheduler is None:
             return optimizer
@@ -227,11 +237,14 @@ class RLModule(L.LightningModule):
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
         checkpoint["grad_clip"] = self.grad_clip.state_dict()
         checkpoint["skipped_steps"] = (self.skipped_steps, self.nonfinite_in_a_row)
+        if self.master is not None:
+            checkpoint["master_weights"] = self.master.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         self.grad_clip.load_state_dict(checkpoint["grad_clip"])
         self.skipped_steps, self.nonfinite_in_a_row = checkpoint.get("skipped_steps", (0, 0))
+        self._saved_master = checkpoint.get("master_weights")  # restored when configure_optimizers makes the copies
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         # The reference is a frozen copy of the initial weights, rebuilt from disk; keep it out of checkpoints.
@@ -301,6 +314,7 @@ class RLModule(L.LightningModule):
             self.nonfinite_in_a_row = 0
             return False
         optimizer.zero_grad(set_to_none=True)
+        self.zero_grad(set_to_none=True)  # the model's own gradients too, when the optimizer holds master copies
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row > self.algorithm.max_nonfinite_steps:
@@ -353,8 +367,12 @@ class RLModule(L.LightningModule):
         optimizer wrapper, which is what advances `global_step`: one RL step, however many optimizer steps."""
         engine = self._deepspeed_engine
         if engine is None:
-            clip = self.grad_clip(p for p in self.parameters() if p.requires_grad)
+            if self.master is not None:
+                self.master.grads_to_master()
+            clip = self.grad_clip(p for group in optimizer.param_groups for p in group["params"])
             self._optimizer_step(optimizer, last)
+            if self.master is not None:
+                self.master.master_to_model()
             return clip
         threshold = self.grad_clip.threshold(self.device)
         engine.optimizer.clip_grad = float(threshold)
