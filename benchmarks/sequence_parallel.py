@@ -9,8 +9,9 @@ memory cap.
     .venv/bin/python benchmarks/sequence_parallel.py --lengths 1024 2048 --cap-gb 2.5 --dtype float32
 
 The row holds `--sequences` packed sequences of L / sequences tokens, each half prompt and half response. Every
-process gets OMP_NUM_THREADS = CPUs // processes. The peak is `ru_maxrss` of each process (the largest over the
-ranks is printed), the baseline its RSS right after the model is loaded.
+process gets OMP_NUM_THREADS = CPUs // processes. The peak is VmHWM of each process (the largest over the
+ranks is printed) from the model's load on (the peak count restarts there: a load's transient copies would
+otherwise set it), the baseline its RSS right after the model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,9 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: the peak since the last reset) in MB."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak() -> None:
+    """Restart the peak-RSS count here (Linux clear_refs 5), so loading the model does not set the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -48,7 +56,8 @@ def worker(args: argparse.Namespace) -> None:
                     sequence_parallel_size=size, logprob_chunk=args.logprob_chunk)
     for param in policy.parameters():  # gradient buffers count as the model's, not as activations
         param.grad = torch.zeros_like(param)
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
+    _reset_peak()
     per_sequence = args.length // args.sequences
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(100, 40000, (args.sequences, per_sequence), generator=gen)
@@ -57,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     logprobs, entropy = policy.logprobs(input_ids, torch.ones_like(input_ids), response_len)
     (logprobs.sum() + entropy.sum()).backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     report = [None] * size
     dist.all_gather_object(report, {"peak_mb": peak, "baseline_mb": baseline, "seconds": seconds})
     if dist.get_rank() == 0:

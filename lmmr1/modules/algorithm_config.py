@@ -220,7 +220,8 @@ class AlgorithmConfig:
     """Samples per forward/backward on one rank; gradients are accumulated up to each optimizer step."""
     micro_batch_tokens: int | None = None
     """Form micro-batches by a token budget instead (real tokens with `policy.packing`, rows x padded length
-    without); null = `micro_batch_size` rows each."""
+    without); null = `micro_batch_size` rows each. With `policy.sequence_parallel_size` k it counts the group's whole
+    packed row, of which each rank holds 1/k."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token by min(pi_train / pi_rollout, tis_cap) to correct for the
     rollout engine's numerical mismatch (verl's TIS); null = off."""
