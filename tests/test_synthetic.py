@@ -17,7 +17,8 @@ from lmmr1.data.synthetic import GENERATORS, levels_of, make, split_of
 from lmmr1.envs.sokoban import Level, parse_plan, play, solve
 
 KINDS = sorted(GENERATORS)
-N = {"arith": 12, "image-arith": 6, "geometry": 10, "sokoban": 5, "sokoban-agent": 3, "numbers": 12, "shapes": 6}
+N = {"arith": 12, "image-arith": 6, "geometry": 10, "sokoban": 5, "sokoban-agent": 3, "numbers": 12, "shapes": 6,
+     "pictured-arith": 6, "pictured-word": 6}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -66,6 +67,11 @@ def test_rows_load_and_follow_the_row_format(kind, tmp_path):
         images = row_images(raw)
         if kind == "arith":
             assert images == []
+        elif kind.startswith("pictured-"):  # one picture per operand, nothing else
+            assert len(images) == 2 and all(re.fullmatch(r"images/\d{6}_\d\.png", ref) for ref in images)
+            for ref in row_images(row):
+                with Image.open(ref) as image:
+                    assert image.size == (168, 28)
         else:
             assert len(images) == 1 and re.fullmatch(r"images/\d{6}\.png", images[0])  # relative in the file
             with Image.open(row_images(row)[0]) as image:

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lmmr1.data.synthetic import arith, geometry, image_arith, perception, sokoban
+from lmmr1.data.synthetic import arith, geometry, image_arith, perception, pictured, sokoban
 from lmmr1.data.synthetic.problem import SPLIT_SHARES, SYSTEM_PROMPT, Generator, split_of
 
 GENERATORS: dict[str, Generator] = {
@@ -27,6 +27,8 @@ GENERATORS: dict[str, Generator] = {
     "geometry": geometry.GENERATOR,
     "sokoban": sokoban.GENERATOR,
     "sokoban-agent": sokoban.AGENT_GENERATOR,
+    "pictured-arith": pictured.ARITH,
+    "pictured-word": pictured.WORD,
     "numbers": perception.NUMBERS,
     "shapes": perception.SHAPES_GENERATOR,
 }
@@ -90,11 +92,14 @@ def make(kind: str, n: int, seed: int, out: str | Path, *, difficulty: str | int
             continue
         seen.add(problem.key)
         content: Any = problem.question
-        if problem.image is not None:
-            ref = f"images/{len(rows):06d}.png"
+        if problem.image is not None or problem.images:
             (out / "images").mkdir(exist_ok=True)
-            problem.image.save(out / ref, format="PNG")
-            content = [{"type": "image", "image": ref}, {"type": "text", "text": problem.question}]
+            pictures = {f"images/{len(rows):06d}.png": problem.image} if problem.image is not None else {
+                f"images/{len(rows):06d}_{k}.png": image for k, image in enumerate(problem.images)}
+            for ref, image in pictures.items():
+                image.save(out / ref, format="PNG")
+            content = [*({"type": "image", "image": ref} for ref in pictures),
+                       {"type": "text", "text": problem.question}]
         rows.append({"message": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}],
                      "answer": problem.answer, "datasource": generator.datasource, "problem": problem.key,
                      **problem.fields})

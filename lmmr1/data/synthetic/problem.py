@@ -37,6 +37,8 @@ class Problem:
     """The label, e.g. "$\\boxed{12}$" or a Sokoban plan "up up left"."""
     image: Image.Image | None = None
     """Picture the question refers to (saved as images/NNNNNN.png), or None for a text-only row."""
+    images: list[Image.Image] = field(default_factory=list)
+    """Several pictures, in the order the question refers to them (saved as images/NNNNNN_K.png); with `image` unset."""
     fields: dict[str, Any] = field(default_factory=dict)
     """Extra row fields (env, figure parameters, ...) written next to message/answer/datasource."""
 
