@@ -213,7 +213,8 @@ class Policy(nn.Module):
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
         temperature: float = 1.0,
-    ) -> tuple[Tensor, Tensor]:
+        entropy: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
         """Log-probabilities and entropy of the last `response_len` tokens.
 
         Args:
@@ -222,6 +223,7 @@ class Policy(nn.Module):
             response_len: T.
             pixel_values / image_grid_thw: flat image patches and grids of the images in these N rows.
             temperature: the sampling temperature; logits are divided by it so ratios match the sampler.
+            entropy: False skips the entropy (None in its place): one full-vocabulary softmax pass less per chunk.
         Returns:
             (logprobs, entropy), each (N, T), float32.
         """
@@ -231,28 +233,32 @@ class Policy(nn.Module):
         targets = input_ids[:, -response_len:]
         sp = sequence_parallel()
         if self.sequence_parallel_size == 1 or not sp.active:
-            return self._head_stats(states, targets, temperature, self.logprob_chunk or response_len)
+            return self._head_stats(states, targets, temperature, self.logprob_chunk or response_len, entropy)
         # the LM head's vocabulary-wide logits are the largest activations: split them too. Each rank scores an equal
         # share of the response positions (the states are whole on every rank), and the shares are summed back.
         n, t = targets.shape
         lo, hi = sp.rank * n * t // sp.size, (sp.rank + 1) * n * t // sp.size
         mine = self._head_stats(states.reshape(n * t, -1)[lo:hi].unsqueeze(0), targets.reshape(1, n * t)[:, lo:hi],
-                                temperature, n * (self.logprob_chunk or t))
-        return tuple(assemble(x[0], lo, n * t, sp).view(n, t) for x in mine)
+                                temperature, n * (self.logprob_chunk or t), entropy)
+        return tuple(None if x is None else assemble(x[0], lo, n * t, sp).view(n, t) for x in mine)
 
-    def _head_stats(self, states: Tensor, targets: Tensor, temperature: float, chunk: int) -> tuple[Tensor, Tensor]:
-        """(logprobs, entropy) of (N, T) targets from (N, T, H) states, `chunk` positions of each row at a time."""
+    def _head_stats(self, states: Tensor, targets: Tensor, temperature: float, chunk: int,
+                    entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(logprobs, entropy or None) of (N, T) targets from (N, T, H) states, `chunk` positions of each row at a
+        time."""
         head = self.model.get_output_embeddings()
         pieces = []
         for start in range(0, targets.shape[1], chunk):
             # the head is called as a module, never read as `head.weight`: under ZeRO-3 the weight is an empty shard
             # outside the module's forward, which is what gathers it (and re-gathers it for the backward)
-            args = (states[:, start : start + chunk].contiguous(), targets[:, start : start + chunk], head, temperature)
+            args = (states[:, start : start + chunk].contiguous(), targets[:, start : start + chunk], head, temperature,
+                    entropy)
             if torch.is_grad_enabled() and states.requires_grad:
                 pieces.append(checkpoint(_token_stats, *args, use_reentrant=False))
             else:
                 pieces.append(_token_stats(*args))
-        return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+        return (torch.cat([p[0] for p in pieces], dim=1),
+                torch.cat([p[1] for p in pieces], dim=1) if entropy else None)
 
 
 def _token_stats(states: Tensor, targets: Tensor, head: nn.Module, temperature: float,

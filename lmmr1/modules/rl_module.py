@@ -472,13 +472,13 @@ class RLModule(L.LightningModule):
         if algo.recompute_old_logprobs:
             with _timed(self.perf, "old_logprob"):
                 exp.old_logprobs = self._forward_all(exp, filler, lambda m: self.policy.logprobs(
-                    **m.model_inputs(), temperature=self._temperature)[0])
+                    **m.model_inputs(), temperature=self._temperature, entropy=False)[0])
         else:
             exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
             with _timed(self.perf, "ref"):
                 exp.ref_logprobs = self._forward_all(exp, filler, lambda m: self.reference.logprobs(
-                    **m.model_inputs(), temperature=self._temperature)[0])
+                    **m.model_inputs(), temperature=self._temperature, entropy=False)[0])
         if self.critic is not None:
             exp.values = self._forward_all(exp, filler, lambda m: self.critic.values(**m.model_inputs()))
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
@@ -535,7 +535,10 @@ class RLModule(L.LightningModule):
         (`normaliser`: its valid tokens for token-mean, else its rows, over all ranks), so that the accumulated and
         rank-averaged gradients equal the gradient of the whole global batch."""
         algo = self.algorithm
-        logprobs, entropy = self.policy.logprobs(**micro.model_inputs(), temperature=self._temperature)
+        logprobs, entropy = self.policy.logprobs(**micro.model_inputs(), temperature=self._temperature,
+                                                 entropy=bool(algo.entropy_coef))
+        if entropy is None:  # only logged: the sampled tokens' surprisal, an unbiased estimate (E_p[-log p] = H)
+            entropy = -micro.rollout_logprobs
         mask = micro.response_mask
         advantages = micro.advantages
         if algo.tis_cap is not None:  # TIS: correct for the engine/trainer log-prob mismatch, token by token

@@ -100,10 +100,10 @@ class HFEngine(RolloutEngine):
         out = self.policy.model.generate(**inputs, **options,
                                          stopping_criteria=StoppingCriteriaList([stops] if stops else []))
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
-        logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, V)
-        if sampling.temperature > 0:
-            logits = logits / sampling.temperature
-        token_logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        # one step's (rows, V) logits in float32 at a time, log p = logit - logsumexp: never a (rows, steps, V) copy
+        token_logprobs = torch.stack([_token_logprobs(logits, new_tokens[:, i], temperature)
+                                      for i, logits in enumerate(out.logits)], dim=1)  # (rows, steps)
         eos_id = options["generation_config"].eos_token_id
         stop_ends = stops.ends.tolist() if stops else [0] * len(rows)
         result = []
@@ -116,6 +116,12 @@ class HFEngine(RolloutEngine):
             text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
             result.append(Completion(tokens[:length], text, logprobs[:length], "stop" if ends else "length"))
         return result
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """(rows,) float32 log-probs of `tokens` under raw (rows, V) logits divided by the sampling temperature."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @contextmanager
