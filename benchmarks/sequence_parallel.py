@@ -1,8 +1,8 @@
 """Does sequence parallelism shrink what one process holds? One packed row of L tokens through the mini LMM's training
 forward and backward (log-probs + entropy of every response token, gradient checkpointing on), with the row whole in
 one process (SP 1) and split over 2 processes (SP 2), each configuration a fresh torchrun launch, printed side by side:
-peak RSS per process, the part of it above the loaded model and its gradient buffers (activations, attention,
-communication buffers), and as ratios SP 2 / SP 1; then the longest measured row whose peak stays under a per-process
+peak RSS per process, the part of it above the warmed-up model (activations, attention, communication buffers), and
+as ratios SP 2 / SP 1; then the longest measured row whose peak stays under a per-process
 memory cap.
 
     .venv/bin/python benchmarks/sequence_parallel.py                          # L = 2048 4096 8192, cap 3 GB
@@ -10,8 +10,9 @@ memory cap.
 
 The row holds `--sequences` packed sequences of L / sequences tokens, each half prompt and half response. Every
 process gets OMP_NUM_THREADS = CPUs // processes. The peak is VmHWM of each process (the largest over the
-ranks is printed) from the model's load on (the peak count restarts there: a load's transient copies would
-otherwise set it), the baseline its RSS right after the model is loaded.
+ranks is printed) over the measured step only (the count restarts there), the baseline its RSS before that step,
+after a short warm-up step that allocates the gradient buffers and the kernels' caches (oneDNN packs bf16 weights
+on first use: a few hundred MB that do not grow with the row).
 """
 
 from __future__ import annotations
@@ -54,17 +55,18 @@ def worker(args: argparse.Namespace) -> None:
     init_sequence_parallel(size)
     policy = Policy(args.model, dtype=args.dtype, packing=True, gradient_checkpointing=True,
                     sequence_parallel_size=size, logprob_chunk=args.logprob_chunk)
-    for param in policy.parameters():  # gradient buffers count as the model's, not as activations
-        param.grad = torch.zeros_like(param)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(length: int) -> None:
+        input_ids = torch.randint(100, 40000, (args.sequences, length // args.sequences), generator=gen)
+        logprobs, entropy = policy.logprobs(input_ids, torch.ones_like(input_ids), length // args.sequences // 2)
+        (logprobs.sum() + entropy.sum()).backward()
+
+    step(64 * args.sequences)  # warm-up: gradient buffers and the kernels' caches (bf16 weight packing) exist now
     baseline = _status_mb("VmRSS")
     _reset_peak()
-    per_sequence = args.length // args.sequences
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(100, 40000, (args.sequences, per_sequence), generator=gen)
-    response_len = per_sequence // 2
     start = time.perf_counter()
-    logprobs, entropy = policy.logprobs(input_ids, torch.ones_like(input_ids), response_len)
-    (logprobs.sum() + entropy.sum()).backward()
+    step(args.length)
     seconds = time.perf_counter() - start
     peak = _status_mb("VmHWM")
     report = [None] * size

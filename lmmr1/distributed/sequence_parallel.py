@@ -118,7 +118,7 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # reduced in place: never the buffer autograd handed in
         dist.all_reduce(grad, group=ctx.sp.group)
         return grad.narrow(ctx.dim, ctx.sp.rank * ctx.length, ctx.length), None, None
 
