@@ -153,8 +153,8 @@ def _settings_lines(metrics: dict[str, Any]) -> list[str]:
         return ", ".join(f"{d['kind']} (difficulty {d['difficulty']}, {d['n']} rows, p={d['prob']})" for d in specs)
 
     return [
-        "- Model: the mini LMM (SmolLM2-135M-Instruct inside Qwen2.5-VL) with its vision tower aligned to read "
-        "numbers (`configs/demo/align_vision.yaml`); the tower stays frozen during RL.",
+        f"- Model: the mini LMM (SmolLM2-135M-Instruct inside Qwen2.5-VL) with its vision tower aligned to read "
+        f"numbers (`configs/demo/align_vision.yaml`), `{s.get('model', '?')}`; the tower stays frozen during RL.",
         f"- Arms: base (no RL); direct-MGT: {s['mgt_steps']} multimodal RL steps; FRE→MGT: {s['fre_steps']} text RL "
         f"steps, then the same {s['mgt_steps']} multimodal steps (two `lmmr1 fit` runs, the FRE run's final weights "
         "handed over as a Hugging Face folder; the MGT run is the direct-MGT config with other starting weights).",

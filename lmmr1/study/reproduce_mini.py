@@ -115,7 +115,8 @@ def study(variant: str, work: Path, settings: dict[str, Any] | None = None, mode
     replaces the aligned mini model and `extra` is added to every command (tests: a tiny model, smaller data)."""
     settings = settings or yaml.safe_load((CONFIGS / "study.yaml").read_text())[variant]
     seeds, fre_steps, mgt_steps = settings["seeds"], settings["fre_steps"], settings["mgt_steps"]
-    extra = list(extra)
+    val_batches = settings.get("val_batches")  # None: the whole held-out sets
+    extra = list(extra) + ([] if val_batches is None else ["--trainer.limit_val_batches", str(val_batches)])
     start = time.monotonic()
     align_s = 0.0
     if model is None:
@@ -132,10 +133,16 @@ def study(variant: str, work: Path, settings: dict[str, Any] | None = None, mode
         mgt = run_once(f"seed{seed}/fre_mgt", work, fit_args("mgt", seed, mgt_steps, handed, extra), run)
         runs.append({"arm": "fre_mgt", "seed": seed, "stage": "mgt", "first_step": fre_steps, **mgt})
     common = yaml.safe_load((CONFIGS / "common.yaml").read_text())
+    limit = None if val_batches is None else val_batches * common["data"]["val_batch_size"]
+
+    def evaluated(n: int) -> int:  # problems of a held-out set actually evaluated
+        return n if limit is None else min(n, limit)
+
     return {
         "variant": variant,
-        "settings": {"seeds": seeds, "fre_steps": fre_steps, "mgt_steps": mgt_steps,
-                     "held_out": {spec["name"]: {k: spec["make"][k] for k in ("kind", "n", "difficulty")}
+        "settings": {"model": str(model),"seeds": seeds, "fre_steps": fre_steps, "mgt_steps": mgt_steps,
+                     "held_out": {spec["name"]: {"kind": spec["make"]["kind"], "n": evaluated(spec["make"]["n"]),
+                                                 "difficulty": spec["make"]["difficulty"]}
                                   for spec in common["data"]["val"]},
                      "train": {stage: [{k: spec["make"][k] for k in ("kind", "n", "difficulty")}
                                        | {"prob": spec.get("prob", 1.0)}
@@ -165,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, fewer steps (study.yaml: quick)")
     parser.add_argument("--out", default=None, help="report folder (default reports/reproduce-mini[-quick])")
     parser.add_argument("--work", default=None, help="run folders (default runs/reproduce-mini/<variant>)")
+    parser.add_argument("--model", default=None, help="the starting model folder (default: the aligned mini model, "
+                        "aligned first if missing)")
     args = parser.parse_args(argv)
     variant = "quick" if args.quick else "full"
     out = Path(args.out or ("reports/reproduce-mini" + ("-quick" if args.quick else "")))
     work = Path(args.work or f"runs/reproduce-mini/{variant}")
-    metrics = study(variant, work)
+    metrics = study(variant, work, model=None if args.model is None else Path(args.model).expanduser())
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     written = write_report(metrics, out)
