@@ -2,7 +2,8 @@
 forward and backward (log-probs + entropy of every response token, gradient checkpointing on), with the row whole in
 one process (SP 1) and split over 2 processes (SP 2), each configuration a fresh torchrun launch, printed side by side:
 peak RSS per process, the part of it above the warmed-up model (activations, attention, communication buffers), and
-as ratios SP 2 / SP 1; then the longest measured row whose peak stays under a per-process
+as ratios SP 2 / SP 1; then what each extra 1k tokens adds to it between consecutive lengths (the part that grows
+with the row, which sequence parallelism splits), and the longest measured row whose peak stays under a per-process
 memory cap.
 
     .venv/bin/python benchmarks/sequence_parallel.py                          # L = 2048 4096 8192, cap 3 GB
@@ -128,6 +129,12 @@ def main() -> None:
               f" | {one['above_model_mb']:>8.0f}MB {two['above_model_mb']:>8.0f}MB "
               f"{two['above_model_mb'] / one['above_model_mb']:>6.2f} | {one['seconds']:>6.1f} {two['seconds']:>6.1f}",
               flush=True)
+    measured = [n for n in args.lengths if all("error" not in results[n][k] for k in (1, 2))]
+    for short, long in zip(measured, measured[1:]):  # what each extra token costs: the part that grows with the row
+        grow = {k: (results[long][k]["above_model_mb"] - results[short][k]["above_model_mb"]) / (long - short) * 1024
+                for k in (1, 2)}
+        print(f"growth {short}->{long} tokens, MB per 1k tokens: SP1 {grow[1]:.0f}, SP2 {grow[2]:.0f}, "
+              f"ratio {grow[2] / grow[1]:.2f}" if grow[1] > 0 else f"growth {short}->{long}: none measured")
     cap = args.cap_gb * 1024
     for k in (1, 2):
         fits = [n for n in args.lengths if results[n][k].get("peak_mb", float("inf")) <= cap]
