@@ -84,7 +84,7 @@ def test_held_out_sets_are_disjoint_from_training(tmp_path):
     for role, specs in (("held_out", common["val"]), ("train", _specs("fre") + _specs("mgt"))):
         for j, spec in enumerate(specs):
             recipe = dict(spec["make"])
-            n = recipe.pop("n") if role == "held_out" else (recipe.pop("n"), 150)[1]  # held-out sets at full size
+            n = recipe.pop("n") if role == "held_out" else (recipe.pop("n"), 60)[1]  # held-out sets at full size
             path = make(recipe.pop("kind"), n=n, out=tmp_path / role / str(j), **recipe)
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             keys.setdefault(role, set()).update(r["problem"] for r in rows)
