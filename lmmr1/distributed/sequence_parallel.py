@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -75,11 +75,6 @@ def init_sequence_parallel(size: int, flag: str = "--model.policy.init_args.sequ
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks:
             _GROUPS["dp"] = (ranks.index(rank), len(ranks), group)
-
-
-def reset_sequence_parallel() -> None:
-    """Forget the groups (a later run in this process starts from one data-parallel replica per rank)."""
-    _GROUPS.clear()
 
 
 def sequence_parallel() -> SequenceParallel:
@@ -147,6 +142,7 @@ class SplitRow:
     sp: SequenceParallel
     length: int
     sequence_ids: Tensor  # (padded,) the packed sequence of every token; the padding tail is a sequence of its own
+    _per_forward: dict[str, Any] = field(default_factory=dict, repr=False)  # what every layer's attention shares
 
     @property
     def padded(self) -> int:
@@ -177,11 +173,14 @@ class SplitRow:
         return _GatherSequence.apply(local, dim, self.sp)
 
     def local_mask(self, device: torch.device) -> Tensor:
-        """(chunk, padded) True where this rank's query may attend: same packed sequence and not in the future."""
-        ids = self.sequence_ids.to(device)
-        q = torch.arange(self.start, self.start + self.chunk, device=device)
-        k = torch.arange(self.padded, device=device)
-        return (ids[q, None] == ids[None, :]) & (k[None, :] <= q[:, None])
+        """(chunk, padded) True where this rank's query may attend: same packed sequence and not in the future.
+        Built once per forward, shared by every layer."""
+        if "mask" not in self._per_forward:
+            ids = self.sequence_ids.to(device)
+            q = torch.arange(self.start, self.start + self.chunk, device=device)
+            k = torch.arange(self.padded, device=device)
+            self._per_forward["mask"] = (ids[q, None] == ids[None, :]) & (k[None, :] <= q[:, None])
+        return self._per_forward["mask"]
 
     def cu_seqlens(self, device: torch.device) -> Tensor:
         """int32 cumulative sequence lengths of the padded row (flash-attn's varlen layout)."""
@@ -247,13 +246,15 @@ def _sdpa_across_split(query: Tensor, key: Tensor, value: Tensor, split: SplitRo
     return out.transpose(1, 2).contiguous()
 
 
-def _ring_flash_across_split(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, split: SplitRow,
+def _ring_flash_across_split(query: Tensor, key: Tensor, value: Tensor, split: SplitRow,
                              scaling: float | None) -> Tensor:
     """GPU: ring-flash-attn's llama3 variant (keys/values all-gathered in head strides, varlen packed sequences)."""
     from ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 
-    cu_q, cu_k, max_q, max_k, k_slice = llama3_flash_attn_prepare_cu_seqlens(
-        split.cu_seqlens(query.device), causal=True, rank=split.sp.rank, world_size=split.sp.size)
+    if "ring" not in split._per_forward:  # once per forward: the preparation reads lengths back from the GPU
+        split._per_forward["ring"] = llama3_flash_attn_prepare_cu_seqlens(
+            split.cu_seqlens(query.device), causal=True, rank=split.sp.rank, world_size=split.sp.size)
+    cu_q, cu_k, max_q, max_k, k_slice = split._per_forward["ring"]
     heads_k = key.shape[1]
     out = llama3_flash_attn_varlen_func(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k,
@@ -272,7 +273,7 @@ def _dispatching(base: str) -> Any:
             return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling")
         if base.startswith("flash_attention"):
-            return _ring_flash_across_split(module, query, key, value, sequence_parallel, scaling), None
+            return _ring_flash_across_split(query, key, value, sequence_parallel, scaling), None
         return _sdpa_across_split(query, key, value, sequence_parallel, scaling), None
 
     return attention
