@@ -12,6 +12,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lmmr1.distributed.sequence_parallel import data_parallel_view
+
 
 @dataclass(frozen=True)
 class DataParallel:
@@ -31,8 +33,6 @@ def data_parallel() -> DataParallel:
     """This process's data-parallel position; a single process outside any process group is rank 0 of 1."""
     if not (dist.is_available() and dist.is_initialized()):
         return DataParallel()
-    from lmmr1.distributed.sequence_parallel import data_parallel_view
-
     view = data_parallel_view()
     if view is not None:
         return DataParallel(*view)

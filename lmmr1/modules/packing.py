@@ -7,6 +7,7 @@ attention under flash-attn (GPU). Images need nothing extra: their patches stay 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +86,12 @@ def response_hidden_states(
         packed = pack_rows(input_ids, attention_mask, response_len, positions)
         extra = family.image_inputs(backbone.config, packed.input_ids, pixel_values, image_grid_thw)
         sp = sequence_parallel_group() if sequence_parallel else None
-        if sp is None or not sp.active:
+        split = None
+        if sp is not None and sp.active:
+            text_positions = packed.position_ids[0] if packed.position_ids.dim() == 3 else packed.position_ids
+            split = split_row(text_positions, sp)
+        with nullcontext() if split is None else decoder_on_slices(family.decoder(backbone), split):
             out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
                            use_cache=False, **extra)
-            return out.last_hidden_state[0][packed.state_index]
-        text_positions = packed.position_ids[0] if packed.position_ids.dim() == 3 else packed.position_ids
-        split = split_row(text_positions, sp)
-        with decoder_on_slices(family.decoder(backbone), split):
-            out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
-                           use_cache=False, **extra)
-        return split.whole(out.last_hidden_state, dim=1)[0][packed.state_index]
+    states = out.last_hidden_state if split is None else split.whole(out.last_hidden_state, dim=1)
+    return states[0][packed.state_index]
