@@ -77,10 +77,12 @@ def test_packing_equals_padding_or_is_refused_by_name(rollout, family_path):
         policy.packing = True
         try:
             packed, _ = policy.logprobs(**exp.model_inputs())
+            shared, _ = policy.logprobs(**exp.model_inputs(share_prompts=True))  # each prompt once
         finally:
             policy.packing = False
     mask = exp.response_mask.bool()
     torch.testing.assert_close(packed[mask], padded[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[mask], padded[mask], atol=1e-5, rtol=0)
 
 
 def test_freeze_vision_is_the_familys_tower(family_path):

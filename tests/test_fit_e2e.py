@@ -36,11 +36,12 @@ def _adam(params):
     return torch.optim.Adam(params, lr=1e-2)  # big lr: tiny-model gradients must move weights
 
 
-def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, optimizer=_adam, packing=False, **algorithm):
+def _fit(tiny_vl_path, mixed_rows, tmp_path, critic=None, optimizer=_adam, packing=False, share_prompts=False,
+         **algorithm):
     proc = PromptProcessor(tiny_vl_path)
     batches = [proc(mixed_rows[:2]), proc(mixed_rows[2:])]  # step 1: images, step 2: text only
     module = RLModule(
-        policy=Policy(str(tiny_vl_path), packing=packing),
+        policy=Policy(str(tiny_vl_path), packing=packing, share_prompts=share_prompts),
         reward=LengthReward(),
         sampling=SamplingConfig(n=4, max_new_tokens=8),
         algorithm=AlgorithmConfig(**algorithm),
@@ -125,8 +126,8 @@ def test_engine_logprobs_can_stand_in_for_the_recompute(tiny_vl_path, mixed_rows
 
 
 def test_packing_with_token_budget_micro_batches_gives_the_padded_update(tiny_vl_path, mixed_rows, tmp_path):
-    """Packed forwards in micro-batches of <= 60 real tokens (policy, reference and critic) step the weights as padded
-    forwards in micro-batches of 4 rows do."""
+    """Packed forwards in micro-batches of <= 60 real tokens (policy, reference and critic), with and without shared
+    prompts, step the weights as padded forwards in micro-batches of 4 rows do."""
     def sgd(params):
         return torch.optim.SGD(params, lr=1.0)
 
@@ -138,11 +139,15 @@ def test_packing_with_token_budget_micro_batches_gives_the_padded_update(tiny_vl
     padded, before, _ = fit("padded")
     packed, _, trainer = fit("packed", packing=True, micro_batch_tokens=60)
     assert packed.critic.packing and packed.reference.packing
-    for (name, p), q in zip(padded.named_parameters(), packed.parameters()):
-        if name.startswith("reference."):
-            continue
-        step = (p - before[name]).abs().max()
-        assert (p - q).abs().max() <= 1e-4 * step + 1e-7, name
+    # each prompt once per micro-batch, its samples after it (the 60-token budget cuts groups: leaders re-form)
+    shared, _, _ = fit("shared", packing=True, share_prompts=True, micro_batch_tokens=60)
+    assert shared.reference.share_prompts
+    for other in (packed, shared):
+        for (name, p), q in zip(padded.named_parameters(), other.parameters()):
+            if name.startswith("reference."):
+                continue
+            step = (p - before[name]).abs().max()
+            assert (p - q).abs().max() <= 1e-4 * step + 1e-7, name
 
 
 def test_token_budget_micro_batches():

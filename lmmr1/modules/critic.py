@@ -71,11 +71,13 @@ class Critic(nn.Module):
         response_len: int,
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
+        prompt_leaders: Tensor | None = None,
     ) -> Tensor:
         """(N, P+T) sequences -> (N, T) float32 values; position t scores the state before response token t."""
         states = response_hidden_states(self.backbone, input_ids, attention_mask, response_len, pixel_values,
                                         image_grid_thw, packing=self.packing,
-                                        sequence_parallel=self.sequence_parallel_size > 1)
+                                        sequence_parallel=self.sequence_parallel_size > 1,
+                                        prompt_leaders=prompt_leaders)
         return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def param_group(self) -> dict:

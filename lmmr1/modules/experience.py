@@ -104,13 +104,32 @@ class Experience:
                    if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **changes)
 
-    def model_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for `Policy.logprobs` (images concatenated in row order)."""
-        pixels, grids = concat_images(self.pixel_values, self.image_grid_thw)
+    def prompt_leaders(self) -> Tensor:
+        """(N,) for each row, the first of the consecutive rows that share its prompt: the same prompt tokens and the
+        same image tensors (samples of one prompt hold the very same ones; a row with images of its own, e.g. from
+        a later turn of an episode, leads its own group)."""
+        prompt_len = self.input_ids.shape[1] - self.response_len
+        prompts = self.input_ids[:, :prompt_len] * self.attention_mask[:, :prompt_len]
+        leaders = list(range(len(self)))
+        for row in range(1, len(self)):
+            if (self.pixel_values[row] is self.pixel_values[row - 1]
+                    and self.image_grid_thw[row] is self.image_grid_thw[row - 1]
+                    and torch.equal(self.attention_mask[row, :prompt_len], self.attention_mask[row - 1, :prompt_len])
+                    and torch.equal(prompts[row], prompts[row - 1])):
+                leaders[row] = leaders[row - 1]
+        return torch.tensor(leaders, device=self.input_ids.device)
+
+    def model_inputs(self, share_prompts: bool = False) -> dict[str, Any]:
+        """Keyword arguments for `Policy.logprobs` (images concatenated in row order). `share_prompts`: rows of one
+        prompt carry it once (`prompt_leaders`), so only the leading rows' images are passed."""
+        leaders = self.prompt_leaders() if share_prompts else None
+        rows = range(len(self)) if leaders is None else [n for n in range(len(self)) if int(leaders[n]) == n]
+        pixels, grids = concat_images([self.pixel_values[n] for n in rows], [self.image_grid_thw[n] for n in rows])
         device = self.input_ids.device
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, response_len=self.response_len,
-                    pixel_values=None if pixels is None else pixels.to(device),
-                    image_grid_thw=None if grids is None else grids.to(device))
+        inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, response_len=self.response_len,
+                      pixel_values=None if pixels is None else pixels.to(device),
+                      image_grid_thw=None if grids is None else grids.to(device))
+        return inputs if leaders is None else inputs | {"prompt_leaders": leaders}
 
     @classmethod
     def concat(cls, parts: list[Experience]) -> Experience:

@@ -95,6 +95,19 @@ class LoraSettings:
     """Module-name suffixes that get adapters (e.g. add gate_proj, up_proj, down_proj for the MLPs)."""
 
 
+def check_share_prompts(packing: bool, attn_implementation: str, sequence_parallel_size: int,
+                        flag: str = "--model.policy.init_args") -> None:
+    """Shared prompts are a packed layout under an explicit block mask: SDPA only, no split rows."""
+    if not packing:
+        raise ValueError(f"{flag}.share_prompts: shares each prompt inside a packed row; set {flag}.packing true")
+    if attn_implementation != "sdpa":
+        raise ValueError(f"{flag}.share_prompts needs {flag}.attn_implementation sdpa (it attends through a block "
+                         f"mask; {attn_implementation} takes none)")
+    if sequence_parallel_size > 1:
+        raise ValueError(f"{flag}.share_prompts does not combine with {flag}.sequence_parallel_size "
+                         f"{sequence_parallel_size}; use one or the other")
+
+
 def is_lora_layer(module: nn.Module) -> bool:
     """A peft LoRA layer: a `base_layer` plus adapters whose update `get_delta_weight` computes."""
     return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
@@ -129,6 +142,7 @@ class Policy(nn.Module):
         packing: bool = False,
         make: ModelRecipe | None = None,
         sequence_parallel_size: int = 1,
+        share_prompts: bool = False,
     ) -> None:
         """
         Args:
@@ -148,6 +162,9 @@ class Policy(nn.Module):
             sequence_parallel_size: k > 1 splits every packed row along the sequence over k ranks that share samples
                 (ring attention; needs packing, k must divide the world size). The reference model and the critic
                 follow it.
+            share_prompts: with packing, a prompt's G samples carry it once: [prompt, response 1, ..., response G]
+                under a block mask (SDPA only, no sequence parallelism). Same log-probs; fewer tokens in every
+                training, reference and critic forward, most where prompts are long (few-shot, images).
         """
         super().__init__()
         path = os.path.expanduser(path)  # configs may point into ~/.cache/lmmr1
@@ -160,6 +177,9 @@ class Policy(nn.Module):
         if packing:
             self.family.check_packing("--model.policy.packing")
         self.sequence_parallel_size = sequence_parallel_size
+        self.share_prompts = share_prompts
+        if share_prompts:
+            check_share_prompts(packing, attn_implementation, sequence_parallel_size)
         if sequence_parallel_size > 1:
             enable_sequence_parallel(self.model.model, sequence_parallel_size, packing)
         self.freeze = list(freeze or [])
@@ -214,6 +234,7 @@ class Policy(nn.Module):
         image_grid_thw: Tensor | None = None,
         temperature: float = 1.0,
         entropy: bool = True,
+        prompt_leaders: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probabilities and entropy of the last `response_len` tokens.
 
@@ -224,12 +245,14 @@ class Policy(nn.Module):
             pixel_values / image_grid_thw: flat image patches and grids of the images in these N rows.
             temperature: the sampling temperature; logits are divided by it so ratios match the sampler.
             entropy: False skips the entropy (None in its place): one full-vocabulary softmax pass less per chunk.
+            prompt_leaders: (N,) rows sharing a prompt carry it once (`Experience.model_inputs(share_prompts=True)`).
         Returns:
             (logprobs, entropy), each (N, T), float32.
         """
         states = response_hidden_states(self.model.model, input_ids, attention_mask, response_len, pixel_values,
                                         image_grid_thw, packing=self.packing,
-                                        sequence_parallel=self.sequence_parallel_size > 1)
+                                        sequence_parallel=self.sequence_parallel_size > 1,
+                                        prompt_leaders=prompt_leaders)
         targets = input_ids[:, -response_len:]
         sp = sequence_parallel()
         if self.sequence_parallel_size == 1 or not sp.active:

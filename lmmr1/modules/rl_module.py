@@ -159,6 +159,10 @@ class RLModule(L.LightningModule):
             critic.build(policy.path)
         if critic is not None and critic.packing is None:
             critic.packing = policy.packing
+        if critic is not None and policy.share_prompts and not critic.packing:
+            raise ValueError("--model.critic.init_args.packing false: the policy shares prompts "
+                             "(--model.policy.init_args.share_prompts true), which the critic's forwards follow; "
+                             "pack the critic too or stop sharing")
         if critic is not None:
             critic.follow_sequence_parallel(policy.sequence_parallel_size)
         self.critic = critic
@@ -174,7 +178,8 @@ class RLModule(L.LightningModule):
             self.reference = Policy(policy.path, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
                                     attn_implementation=policy.attn_implementation,
                                     logprob_chunk=policy.logprob_chunk, packing=policy.packing,
-                                    sequence_parallel_size=policy.sequence_parallel_size)
+                                    sequence_parallel_size=policy.sequence_parallel_size,
+                                    share_prompts=policy.share_prompts)
             self.reference.requires_grad_(False).eval()
         self.kl_controller = build_kl_controller(self.algorithm.kl)
         self.grad_clip = self.algorithm.grad_clip.build()
@@ -472,15 +477,16 @@ class RLModule(L.LightningModule):
         if algo.recompute_old_logprobs:
             with _timed(self.perf, "old_logprob"):
                 exp.old_logprobs = self._forward_all(exp, filler, lambda m: self.policy.logprobs(
-                    **m.model_inputs(), temperature=self._temperature, entropy=False)[0])
+                    **m.model_inputs(self.policy.share_prompts), temperature=self._temperature, entropy=False)[0])
         else:
             exp.old_logprobs = exp.rollout_logprobs
         if self.reference is not None:
             with _timed(self.perf, "ref"):
                 exp.ref_logprobs = self._forward_all(exp, filler, lambda m: self.reference.logprobs(
-                    **m.model_inputs(), temperature=self._temperature, entropy=False)[0])
+                    **m.model_inputs(self.policy.share_prompts), temperature=self._temperature, entropy=False)[0])
         if self.critic is not None:
-            exp.values = self._forward_all(exp, filler, lambda m: self.critic.values(**m.model_inputs()))
+            exp.values = self._forward_all(exp, filler, lambda m: self.critic.values(
+                **m.model_inputs(self.policy.share_prompts)))
         rewards = torch.tensor(scores.total, device=self.device, dtype=torch.float32)
         if algo.overlong.buffer > 0:
             rewards = rewards + overlong_penalty(exp.response_mask.sum(-1), max_new_tokens=self.sampling.max_new_tokens,
@@ -535,7 +541,7 @@ class RLModule(L.LightningModule):
         (`normaliser`: its valid tokens for token-mean, else its rows, over all ranks), so that the accumulated and
         rank-averaged gradients equal the gradient of the whole global batch."""
         algo = self.algorithm
-        logprobs, entropy = self.policy.logprobs(**micro.model_inputs(), temperature=self._temperature,
+        logprobs, entropy = self.policy.logprobs(**micro.model_inputs(self.policy.share_prompts), temperature=self._temperature,
                                                  entropy=bool(algo.entropy_coef))
         if entropy is None:  # only logged: the sampled tokens' surprisal, an unbiased estimate (E_p[-log p] = H)
             entropy = -micro.rollout_logprobs
@@ -554,7 +560,7 @@ class RLModule(L.LightningModule):
             loss = loss + kl_loss
             metrics["kl_loss"] = kl_loss.detach()
         if self.critic is not None:  # separate parameters and lr group, so no value-loss coefficient is needed
-            values = self.critic.values(**micro.model_inputs())
+            values = self.critic.values(**micro.model_inputs(self.policy.share_prompts))
             value_loss_, value_metrics = value_loss(values, micro.values, micro.returns, mask, clip=algo.value_clip,
                                                     **agg)
             loss = loss + value_loss_
