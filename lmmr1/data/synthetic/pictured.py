@@ -1,14 +1,17 @@
-"""Arithmetic whose numbers are only in pictures: each operand is its own image, drawn the way the aligned mini LMM's
-vision tower learned to read (`perception.number_image`), and the question names the operation in words.
+"""Arithmetic whose first number is only in a picture: drawn the way the aligned mini LMM's vision tower learned to
+read (`perception.number_image`), called A in the question; the second number is in the text.
 
-    pictured-arith   "The first image shows a number A and the second image shows a number B. Compute A + B."
-    pictured-word    a word problem whose two quantities are the pictures ("... buys <image 2> more ..."): reading
-                     the numbers is not enough, the story decides the operation (+, -, × or ÷)
+    pictured-arith   "The image shows a number A. Compute A + 7."
+    pictured-word    "The image shows a number A. Maya has A stickers. Then she buys 7 more stickers. How many ...?":
+                     reading the number is not enough, the story decides the operation (+, -, × or ÷)
 
-Levels: 1 sums and differences of numbers up to 20 (pictured-word: + and - stories); 2 up to 99 (pictured-word: every
-story, products and quotients of small numbers). A problem's key is its computation (e.g. "47+8"), in the `arith`
-split namespace, so a held-out pictured problem never appears in any training set of `arith`, `image-arith` or these
-kinds, as text or as pictures.
+One picture, not one per operand: the mini LMM's two-layer tower was aligned on single pictures and, shown two, reads
+the first and hardly ever the second (0 of 100 pictured problems right before RL); with one picture it reads A in
+~80% of the problems and the task starts neither at 0 nor near 1.
+Levels: 1 numbers up to 20 (pictured-word: + and - stories); 2 up to 99 (pictured-word: every story, products and
+quotients of small numbers). A problem's key is its computation (e.g. "47+8"), in the `arith` split namespace, so a
+held-out pictured problem never appears in any training set of `arith`, `image-arith` or these kinds, as text or as
+a picture.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ _STYLES = 10_000
 _HIGH = {1: 20, 2: 99}
 
 
-def _pictures(rng: random.Random, *values: int) -> list:
-    return [number_image(v, rng.randrange(_STYLES)) for v in values]
+def _picture(rng: random.Random, value: int) -> list:
+    return [number_image(value, rng.randrange(_STYLES))]
 
 
 def _arith(rng: random.Random, level: int, keep: Keep) -> Problem | None:
@@ -35,19 +38,19 @@ def _arith(rng: random.Random, level: int, keep: Keep) -> Problem | None:
     expression = f"{a}{op}{b}"
     if not keep(expression):
         return None
-    question = f"The first image shows a number A and the second image shows a number B. Compute A {op} B."
-    return Problem(expression, question, f"$\\boxed{{{a + b if op == '+' else a - b}}}$", images=_pictures(rng, a, b),
+    question = f"The image shows a number A. Compute A {op} {b}."
+    return Problem(expression, question, f"$\\boxed{{{a + b if op == '+' else a - b}}}$", images=_picture(rng, a),
                    fields={"difficulty": level, "expression": expression})
 
 
-_STORIES = {  # operation -> (template, operand sampler); {0}/{1} mark where the first/second picture belongs
-    "+": ("Maya has {0} stickers. Then she buys {1} more stickers. How many stickers does she have now?",
+_STORIES = {  # operation -> (template, operand sampler); A is the pictured number, {b} the one in the text
+    "+": ("Maya has A stickers. Then she buys {b} more stickers. How many stickers does she have now?",
           lambda rng, high: (rng.randint(1, high), rng.randint(1, high))),
-    "-": ("A tank holds {0} liters of water. Then {1} liters leak out. How many liters are left?",
+    "-": ("A tank holds A liters of water. Then {b} liters leak out. How many liters are left?",
           lambda rng, high: sorted((rng.randint(1, high), rng.randint(1, high)), reverse=True)),
-    "*": ("There are {0} boxes and each box holds {1} apples. How many apples are there in total?",
+    "*": ("There are A boxes and each box holds {b} apples. How many apples are there in total?",
           lambda rng, high: (rng.randint(2, 9), rng.randint(2, 12))),
-    "/": ("{0} students are split into groups of {1} students each. How many groups are there?",
+    "/": ("A students are split into groups of {b} students each. How many groups are there?",
           lambda rng, high: (lambda b, q: (b * q, b))(rng.randint(2, 9), rng.randint(2, 11))),
 }
 
@@ -59,10 +62,9 @@ def _word(rng: random.Random, level: int, keep: Keep) -> Problem | None:
     expression = f"{a}{op}{b}"
     if not keep(expression):
         return None
-    story = template.format("(first image)", "(second image)")
-    question = f"{story} The numbers are shown in the images, in order."
+    question = f"The image shows a number A. {template.format(b=b)}"
     value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-    return Problem(expression, question, f"$\\boxed{{{value}}}$", images=_pictures(rng, a, b),
+    return Problem(expression, question, f"$\\boxed{{{value}}}$", images=_picture(rng, a),
                    fields={"difficulty": level, "expression": expression})
 
 
