@@ -187,3 +187,18 @@ def test_pool_rejects_bad_settings():
         VerifyPool(timeout=0)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         VerifyPool(workers=0)
+
+
+def test_start_launches_the_workers_before_the_first_call():
+    """`Reward.start` (called by the RL module at setup) starts math-verify workers so their imports overlap the
+    first rollout; a composite reward reaches its accuracy pool."""
+    reward = MathReward()
+    pool = reward.rewards[1].pool
+    assert pool._pool == []  # nothing starts at construction
+    reward.start()
+    assert len(pool._pool) == pool.workers and all(w.process.is_alive() for w in pool._pool)
+    started = [w.process.pid for w in pool._pool]
+    out = reward(["<think>x</think><answer>7</answer>"], [{"answer": "7", "datasource": "arith"}])
+    assert out.components["accuracy"] == [1.0]
+    assert [w.process.pid for w in pool._pool] == started  # the call used the workers start() launched
+    reward.close()

@@ -206,6 +206,7 @@ class RLModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if stage == "fit" and hasattr(datamodule, "all_train_rows"):
             self.reward.check_rows(datamodule.all_train_rows())  # uncovered datasources fail now, not mid-run
+        self.reward.start()  # math-verify workers import while the first rollout generates
 
     def configure_optimizers(self) -> Any:
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]

@@ -115,5 +115,8 @@ class AccuracyReward(Reward):
                 stats[counters[status]] += 1
         return RewardOutput(total=list(scores), components={self.name: scores}, stats=stats)
 
+    def start(self) -> None:
+        self.pool.start()
+
     def close(self) -> None:
         self.pool.close()

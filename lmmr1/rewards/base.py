@@ -46,7 +46,8 @@ class RewardOutput:
 
 
 class Reward(ABC):
-    """Scores a batch. Subclasses set `name` and implement `__call__`; `check_rows` and `close` are optional."""
+    """Scores a batch. Subclasses set `name` and implement `__call__`; `check_rows`, `start` and `close` are
+    optional."""
 
     name: str = "reward"
 
@@ -57,6 +58,10 @@ class Reward(ABC):
     def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Called once before training with every training row; raises ValueError naming a row this reward cannot
         score (no route covers its datasource, or it lacks a field this reward needs)."""
+
+    def start(self) -> None:
+        """Start worker processes now, so that their start-up (imports) overlaps other work instead of the first call;
+        without it they start on first use."""
 
     def close(self) -> None:
         """Release worker processes or connections; the reward may still be called afterwards (they restart)."""

@@ -69,6 +69,10 @@ class WeightedSum(Reward):
         for reward in self.rewards:
             reward.check_rows(rows)
 
+    def start(self) -> None:
+        for reward in self.rewards:
+            reward.start()
+
     def close(self) -> None:
         for reward in self.rewards:
             reward.close()
@@ -143,6 +147,10 @@ class RoutedReward(Reward):
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + value
         return RewardOutput(total=total, components=components, stats=stats)
+
+    def start(self) -> None:
+        for reward in self.routes.values():
+            reward.start()
 
     def close(self) -> None:
         for reward in self.routes.values():

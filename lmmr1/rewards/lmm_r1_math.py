@@ -122,5 +122,8 @@ class LmmR1MathReward(Reward):
         total = [self.format_weight * f + self.accuracy_weight * a for f, a in zip(formats, accuracy, strict=True)]
         return RewardOutput(total=total, components={"format": formats, "accuracy": accuracy}, stats=stats)
 
+    def start(self) -> None:
+        self.pool.start()
+
     def close(self) -> None:
         self.pool.close()

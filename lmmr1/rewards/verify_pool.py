@@ -181,6 +181,13 @@ class VerifyPool:
         with self._lock:
             _shutdown(self._pool)
 
+    def start(self) -> None:
+        """Start the workers without waiting for them: their imports run while the caller goes on (a `run` waits
+        for any that are not ready yet)."""
+        with self._lock:
+            while len(self._pool) < self.workers:
+                self._pool.append(self._start_worker())
+
     def map(self, items: Sequence[tuple[str, str]]) -> list[tuple[float, str]]:
         """(score, status) per (label, prediction); status is ok, label_parse_failure, timeout or crash."""
         return self.run(items).results
