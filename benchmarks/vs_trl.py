@@ -13,10 +13,11 @@ other work on a shared machine than wall time does; the load average is printed 
     pip install -c constraints.txt -e ".[bench]"          # adds TRL (benchmark-only extra)
     .venv/bin/python benchmarks/vs_trl.py                  # trl-fp32, lmmr1-fp32, trl-bf16, lmmr1-bf16; 4 steps each
     .venv/bin/python benchmarks/vs_trl.py --configs trl-fp32,lmmr1-bf16 --steps 6 --rounds 2
-    .venv/bin/python benchmarks/vs_trl.py --configs lmmr1-bf16 --lmmr1-options '{"policy": {"logprob_chunk": 0}}'
+    .venv/bin/python benchmarks/vs_trl.py --configs lmmr1-bf16 --lmmr1-options '{"policy": {"share_prompts": false}}'
 
 Dtypes: TRL's bf16 is its own (`bf16=True`: fp32 weights under autocast); lmmr1's bf16 is `policy.dtype: bfloat16`
-(bf16 weights, fp32 master weights in the optimizer, log-probs and loss in fp32).
+(bf16 weights, fp32 master weights in the optimizer, log-probs and loss in fp32). lmmr1 packs each micro-batch with
+shared prompts (`packing`, `share_prompts`), as its CPU configs do; `--lmmr1-options` overrides that.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def run_lmmr1(model_dir: str, dtype: str, steps: int, args: argparse.Namespace, 
                  "loss": {"name": "ppo", "clip_low": 0.2, "clip_high": 0.28, "aggregation": "token-mean"},
                  "micro_batch_size": rollout_rows, "recompute_old_logprobs": False,
                  "grad_clip": {"mode": "fixed", "max_norm": 1.0}, **options.get("algorithm", {})}
-    module = RLModule(policy=Policy(model_dir, dtype=dtype, **options.get("policy", {})), reward="math",
+    policy = {"packing": True, "share_prompts": True, **options.get("policy", {})}  # the CPU configs' layout
+    module = RLModule(policy=Policy(model_dir, dtype=dtype, **policy), reward="math",
                       sampling=SamplingConfig(n=args.samples, temperature=1.0, top_k=0, top_p=1.0,
                                               max_new_tokens=args.new_tokens),
                       algorithm=AlgorithmConfig(**algorithm),
