@@ -182,3 +182,31 @@ def test_a_row_stopped_by_a_stop_string_keeps_no_padding_when_pad_is_eos(tiny_te
             assert stop in after.text
         else:
             assert (after.token_ids, after.finish_reason) == (before.token_ids, before.finish_reason)
+
+
+@pytest.mark.parametrize("model", ["vl", "text"])
+def test_a_text_prompt_is_prefilled_once_for_its_samples(model, setup, tiny_text_path, mixed_rows, monkeypatch):
+    """n samples of a text prompt share one prefill of its tokens (bar the last): the same tokens and log-probs as
+    n separate prefills, with the prompt run through the decoder once. An image generation first leaves M-RoPE state
+    behind (Qwen-VL's rope_deltas), which must not leak into the shared path."""
+    if model == "vl":
+        proc, policy, engine = setup
+        engine.generate(proc(mixed_rows[:2]), SamplingConfig(n=2, max_new_tokens=4), seed=0)  # images first
+    else:
+        proc, engine = _text_engine(tiny_text_path)
+        policy = engine.policy
+    batch = proc(mixed_rows[2:] if model == "vl" else TEXT_ROWS)
+    tokens = []
+    hook = policy.model.get_input_embeddings().register_forward_hook(lambda m, a, out: tokens.append(a[0].numel()))
+    sampling = SamplingConfig(n=3, max_new_tokens=8)
+    shared = engine.generate(batch, sampling, seed=4)
+    hook.remove()
+    prompt_tokens = batch.input_ids.numel()
+    assert tokens[0] == prompt_tokens - 2  # the prefill: each of the 2 prompts once, all but its last token
+    assert tokens[1] == 2 * 3  # then generate's first step: the last prompt token of each of the 6 rows
+    monkeypatch.setattr(HFEngine, "_shared_prefill", lambda self, *args: {})
+    separate = engine.generate(batch, sampling, seed=4)
+    assert [[c.token_ids for c in g] for g in shared] == [[c.token_ids for c in g] for g in separate]
+    for g, h in zip(shared, separate):
+        for a, b in zip(g, h):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

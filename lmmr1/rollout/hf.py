@@ -1,7 +1,9 @@
 """Rollouts with Hugging Face `generate` on the live policy (no weight copy, so nothing to sync).
 
 The default engine on CPU and in tests. Prompts are left-padded, each repeated n times, and split into generation
-batches by a token budget so long prompts do not blow up memory.
+batches by a token budget so long prompts do not blow up memory. A text prompt's n samples share one prefill: its
+tokens (all but the last) run through the decoder once and the KV cache is copied to its n rows before `generate`
+continues from it (images, and ZeRO-3's lock-stepped ranks, take the plain path).
 
 Tokens are sampled from the distribution their log-probs are computed from: `generate` gets a generation config built
 from `SamplingConfig` alone, and the model folder's saved defaults (generation_config.json: repetition penalty, top-k,
@@ -97,6 +99,8 @@ class HFEngine(RolloutEngine):
             None if grids is None else grids.to(device), generation=True))
         vision_tower_before_generation(self.policy.model.model, has_images=pixels is not None)
         stops = _StopStringEnds(self.tokenizer, sampling.stop, inputs["input_ids"].shape[1]) if sampling.stop else None
+        if pixels is None and not options.get("synced_gpus"):
+            options = {**options, **self._shared_prefill(inputs["input_ids"], inputs["attention_mask"], rows)}
         out = self.policy.model.generate(**inputs, **options,
                                          stopping_criteria=StoppingCriteriaList([stops] if stops else []))
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
@@ -116,6 +120,22 @@ class HFEngine(RolloutEngine):
             text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
             result.append(Completion(tokens[:length], text, logprobs[:length], "stop" if ends else "length"))
         return result
+
+    def _shared_prefill(self, input_ids: Tensor, attention_mask: Tensor, rows: list[int]) -> dict:
+        """{"past_key_values": the KV cache of every row's prompt but its last token, each distinct prompt computed
+        once}, or {} when no prompt repeats. `generate` then runs only the last prompt token and the new ones."""
+        distinct = list(dict.fromkeys(rows))
+        if len(distinct) == len(rows) or input_ids.shape[1] < 2:
+            return {}
+        first = torch.tensor([rows.index(r) for r in distinct])
+        ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
+        backbone = self.policy.model.model
+        positions = family_of(backbone).positions(backbone, ids, mask, None)
+        cache = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        cache.batch_select_indices(torch.tensor([distinct.index(r) for r in rows], device=input_ids.device))
+        if hasattr(backbone, "rope_deltas"):  # M-RoPE families: text-only rows, no offset (else a stale one is used)
+            backbone.rope_deltas = None
+        return {"past_key_values": cache}
 
 
 def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
