@@ -1,6 +1,6 @@
 # Set-up and the two main jobs. Both create .venv on first use; re-running them reuses it.
 #   make test   run the CPU test suite (GPU tests skip themselves)
-#   make demo   GRPO on the embedded pretrained mini LMM, CPU (~15-20 min on 2 cores): watch the reward rise
+#   make demo   GRPO on the embedded pretrained mini LMM, CPU (~4 min on 2 cores): watch the reward rise
 #   make smoke  the whole pipeline on a tiny random model in seconds
 #   make reproduce-mini   FRE->MGT vs direct MGT on the mini LMM, 3 seeds (reports/reproduce-mini/report.md);
 #                         ARGS=--quick (or make reproduce-mini-quick): 1 seed, fewer steps
@@ -41,9 +41,9 @@ test-vllm:
 	$(VLLM_VENV)/bin/python -c "import vllm, lmmr1.rollout.vllm"  # an import failure must fail here, not skip the tests
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -q -rs tests/test_vllm_engine.py
 
-# The mini model is converted offline on first use into ~/.cache/lmmr1/models/smollm2-135m-vl ($$LMMR1_HOME).
+# The mini model is converted offline on first use (the policy's `make:`) into ~/.cache/lmmr1/models/smollm2-135m-vl
+# ($$LMMR1_HOME).
 demo: $(STAMP)
-	$(VENV)/bin/lmmr1 model prepare-mini --if-missing
 	$(VENV)/bin/lmmr1 fit -c $(DEMO_CONFIG)
 	$(VENV)/bin/lmmr1 plot runs/demo
 

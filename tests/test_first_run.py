@@ -69,7 +69,7 @@ def _error_of(capfd, argv: list[str]) -> list[str]:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    noise = ("Seed set", "Loading weights")  # log lines and progress bars before the error
+    noise = ("Seed set", "INFO: Seed set", "Loading weights")  # log lines and progress bars before the error
     lines = [line for line in capfd.readouterr().err.splitlines() if line and not line.startswith(noise)]
     assert lines and len(lines) <= 3, "\n".join(lines)
     text = "\n".join(lines)
