@@ -542,7 +542,8 @@ class RLModule(L.LightningModule):
         (`normaliser`: its valid tokens for token-mean, else its rows, over all ranks), so that the accumulated and
         rank-averaged gradients equal the gradient of the whole global batch."""
         algo = self.algorithm
-        logprobs, entropy = self.policy.logprobs(**micro.model_inputs(self.policy.share_prompts), temperature=self._temperature,
+        inputs = micro.model_inputs(self.policy.share_prompts)  # the policy's and the critic's forward
+        logprobs, entropy = self.policy.logprobs(**inputs, temperature=self._temperature,
                                                  entropy=bool(algo.entropy_coef))
         if entropy is None:  # only logged: the sampled tokens' surprisal, an unbiased estimate (E_p[-log p] = H)
             entropy = -micro.rollout_logprobs
@@ -561,7 +562,7 @@ class RLModule(L.LightningModule):
             loss = loss + kl_loss
             metrics["kl_loss"] = kl_loss.detach()
         if self.critic is not None:  # separate parameters and lr group, so no value-loss coefficient is needed
-            values = self.critic.values(**micro.model_inputs(self.policy.share_prompts))
+            values = self.critic.values(**inputs)
             value_loss_, value_metrics = value_loss(values, micro.values, micro.returns, mask, clip=algo.value_clip,
                                                     **agg)
             loss = loss + value_loss_

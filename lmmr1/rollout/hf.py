@@ -127,7 +127,7 @@ class HFEngine(RolloutEngine):
         distinct = list(dict.fromkeys(rows))
         if len(distinct) == len(rows) or input_ids.shape[1] < 2:
             return {}
-        first = torch.tensor([rows.index(r) for r in distinct])
+        first = torch.tensor([rows.index(r) for r in distinct], device=input_ids.device)
         ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
         backbone = self.policy.model.model
         positions = family_of(backbone).positions(backbone, ids, mask, None)
