@@ -14,7 +14,7 @@ import yaml
 from lmmr1.cli import main
 from lmmr1.data.synthetic import make, split_of
 from lmmr1.study import report
-from lmmr1.study.reproduce_mini import SETS, study
+from lmmr1.study.reproduce_mini import SETS, run_once, study
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "reproduce_mini"
@@ -164,3 +164,30 @@ def test_study_settings_give_both_arms_the_same_multimodal_budget(variant):
     settings = yaml.safe_load((CONFIGS / "study.yaml").read_text())[variant]
     assert settings["fre_steps"] >= 1 and settings["mgt_steps"] >= 1
     assert len(settings["seeds"]) == (3 if variant == "full" else 1)
+
+
+def test_an_interrupted_study_reuses_a_run_only_while_its_inputs_are_unchanged(tmp_path, monkeypatch):
+    """A rerun skips a finished run with the same command; an edited config or retrained starting weights (the FRE
+    stage's folder) rerun it, since done.json's command alone would not show either change."""
+    monkeypatch.setattr("lmmr1.study.reproduce_mini.collect_run", lambda root, sets: {"eval": {}, "curves": {}})
+    config, weights = tmp_path / "stage.yaml", tmp_path / "fre_final"
+    config.write_text("data: {batch_size: 4}\n")
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"x" * 8)
+    calls = []
+
+    def fake(*args: str, log: Path) -> float:
+        calls.append(args)
+        return 1.0
+
+    args = ["fit", "-c", str(config), "--model.policy.init_args.path", str(weights)]
+    run_once("run", tmp_path / "work", args, run=fake)
+    run_once("run", tmp_path / "work", args, run=fake)
+    assert len(calls) == 1
+    config.write_text("data: {batch_size: 8}\n")
+    run_once("run", tmp_path / "work", args, run=fake)
+    assert len(calls) == 2
+    (weights / "model.safetensors").write_bytes(b"y" * 16)
+    run_once("run", tmp_path / "work", args, run=fake)
+    run_once("run", tmp_path / "work", args, run=fake)
+    assert len(calls) == 3

@@ -182,6 +182,7 @@ def _time_lines(metrics: dict[str, Any]) -> list[str]:
             f"- Mean RL step: {per_step}; runs: "
             + ", ".join(f"{r['arm']}/{r['stage']}/seed {r['seed']} {r['wall_s'] / 60:.1f} min" for r in metrics["runs"])
             + ".",
+            f"- Code: commit {metrics.get('commit') or 'unknown'}.",
             f"- Machine: {m['cores']} cores, load average at the end {m['load_average']} (shared machine), "
             f"Python {m['python']}, torch {m['torch']}."]
 

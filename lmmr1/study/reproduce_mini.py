@@ -21,6 +21,7 @@ lmmr1.study.report turns them into <out>/report.md and figures — nothing in th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -84,20 +85,37 @@ def ensure_aligned(work: Path, model: Path | None = None) -> tuple[Path, float]:
     return model, seconds
 
 
+def inputs_fingerprint(args: list[str]) -> str:
+    """A digest of what a command reads besides its arguments: the text of each `-c` config and the starting model's
+    files (size and modification time), so an edited config or a retrained FRE stage reruns what depends on it."""
+    digest = hashlib.sha256()
+    for flag, value in zip(args, args[1:]):
+        if flag == "-c":
+            digest.update(Path(value).read_bytes())
+        elif flag == "--model.policy.init_args.path":
+            folder = Path(value).expanduser()
+            for file in sorted(folder.glob("*")) if folder.is_dir() else []:
+                stat = file.stat()
+                digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
 def run_once(name: str, work: Path, args: list[str], run: Runner = lmmr1) -> dict[str, Any]:
-    """One `lmmr1` run in work/name, skipped when done.json holds the same command; returns its numbers."""
+    """One `lmmr1` run in work/name, skipped when done.json holds the same command and inputs; returns its numbers."""
     root = work / name
     done = root / "done.json"
     args = [*args, "--trainer.default_root_dir", str(root)]
+    inputs = inputs_fingerprint(args)
     if done.is_file():
         record = json.loads(done.read_text())
-        if record["args"] == args:
+        if record["args"] == args and record.get("inputs") == inputs:
             print(f"reproduce-mini: {name}: done before, reusing", flush=True)
             return record
     shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     print(f"reproduce-mini: {name}: lmmr1 {' '.join(args)}", flush=True)
     seconds = run(*args, log=root / "log.txt")
-    record = {"args": args, "wall_s": round(seconds, 1), **collect_run(root, SETS)}
+    record = {"args": args, "inputs": inputs, "wall_s": round(seconds, 1), **collect_run(root, SETS)}
     done.write_text(json.dumps(record))
     print(f"reproduce-mini: {name}: {seconds:.0f} s, held-out accuracy {record['eval']}", flush=True)
     return record
@@ -152,12 +170,24 @@ def study(variant: str, work: Path, settings: dict[str, Any] | None = None, mode
                      "algorithm": common["model"]["algorithm"],
                      "lr": common["model"]["optimizer"]["init_args"]["lr"]},
         "base": base["eval"],
-        "runs": [{k: v for k, v in run.items() if k != "args"} for run in runs],
+        "runs": [{k: v for k, v in run.items() if k not in ("args", "inputs")} for run in runs],
         "wall_s": {"study": round(time.monotonic() - start - align_s, 1), "alignment": round(align_s, 1),
                    "base_eval": base["wall_s"]},
         "machine": {"cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version(), "torch": _version("torch")},
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The git commit the study ran at (with "+changes" when the work tree differs from it); None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _version(package: str) -> str:
