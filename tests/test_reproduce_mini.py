@@ -102,9 +102,12 @@ def test_held_out_sets_are_disjoint_from_training(tmp_path):
 def _fixture() -> dict:
     """Two seeds; numbers chosen so every table cell is easy to check by hand."""
     def run(arm, stage, seed, first, text, mm_arith, mm_word):
+        accuracy = 0.0 if arm == "direct_mgt" else 0.2 + 0.1 * seed  # six steps: five at `accuracy`, then +0.6
         return {"arm": arm, "stage": stage, "seed": seed, "first_step": first, "wall_s": 60.0,
                 "eval": {"text": text, "mm_arith": mm_arith, "mm_word": mm_word},
-                "curves": {"reward": [[1, 0.5], [2, 0.7]], "step_time": [[1, 10.0], [2, 12.0]]}}
+                "curves": {"reward": [[1, 0.5], [2, 0.7]], "step_time": [[1, 10.0], [2, 12.0]],
+                           "accuracy": [[k, accuracy + 0.6 * (k == 6)] for k in range(1, 7)],
+                           "format": [[k, 0.5 + 0.5 * (k == 6)] for k in range(1, 7)]}}
 
     return {
         "variant": "full",
@@ -138,8 +141,17 @@ def test_report_table_is_a_function_of_the_metrics(tmp_path):
                  "| held-out MM arithmetic | +10.0, +20.0 | +15.0 | 5.0 | held |",
                  "| multimodal (mean of the MM sets) | +10.0, +15.0 | +12.5 | 2.5 | held |",
                  "**The claim held in miniature** (2 seeds; rule: a difference counts when it is positive and above "
-                 "two standard errors)."]:
+                 "two standard errors).",
+                 # sampled training rewards (first 5 steps, last 5, all 6), FRE->MGT's the mean of seeds 0.2 and 0.3
+                 "| direct-MGT | MGT | 0.0 | 12.0 | 10.0 | 50.0 | 60.0 |",
+                 "| FRE→MGT | MGT | 25.0 | 37.0 | 35.0 | 50.0 | 60.0 |"]:
         assert line in text, line
+    assert "**Caveat:**" not in text  # 10% > the 2% floor: no caveat
+    for r in metrics["runs"]:
+        if r["arm"] == "direct_mgt":
+            r["curves"]["accuracy"] = [[1, 0.0], [2, 0.0]]
+    assert "**Caveat:** sampled training accuracy stayed below 2.0% in direct-MGT's MGT stage (0.0%)" in \
+        report.render(metrics)
     metrics["runs"][2]["eval"]["mm_arith"] = 0.30  # seed 0's FRE->MGT falls below direct-MGT: the verdict follows
     assert "**The claim did not hold in miniature**" in report.render(metrics)
     written = report.write_report(_fixture(), tmp_path)

@@ -75,6 +75,51 @@ def comparison(metrics: dict[str, Any], key: str) -> dict[str, Any]:
     return {"diffs": diffs, "mean": mean, "se": se, "verdict": verdict}
 
 
+SIGNAL_FLOOR = 0.02
+"""A stage whose sampled training accuracy averages below this had almost no accuracy signal: GRPO's advantages then
+come from the format reward alone (the report says so; the threshold is fixed here, not chosen per result)."""
+
+
+def training_signal(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """What RL saw, per (arm, stage): the sampled training accuracy and format reward over its first and last 5 steps
+    and its whole length, each the mean over seeds of the per-seed means."""
+    rows = []
+    for arm, stage in (("direct_mgt", "mgt"), ("fre_mgt", "fre"), ("fre_mgt", "mgt")):
+        runs = [r for r in metrics["runs"] if r["arm"] == arm and r["stage"] == stage]
+        row = {"arm": arm, "stage": stage}
+        for name in ("accuracy", "format"):
+            series = [[v for _, v in r["curves"].get(name, [])] for r in runs]
+            if not all(series) or not series:
+                break
+            for part, cut in (("first5", slice(0, 5)), ("last5", slice(-5, None)), ("all", slice(None))):
+                row[f"{name}_{part}"] = statistics.mean(statistics.mean(values[cut]) for values in series)
+        else:
+            rows.append(row)
+    return rows
+
+
+def _signal_lines(metrics: dict[str, Any]) -> list[str]:
+    rows = training_signal(metrics)
+    if not rows:
+        return []
+    lines = ["", "What RL saw: the sampled training rewards (temperature "
+             f"{metrics['settings']['sampling']['temperature']}), mean over seeds:", "",
+             "| arm | stage | accuracy, first 5 steps | accuracy, last 5 | accuracy, whole stage | format, first 5 | "
+             "format, last 5 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {ARMS[r['arm']]} | {r['stage'].upper()} | {_pct(r['accuracy_first5'])} | "
+                     f"{_pct(r['accuracy_last5'])} | {_pct(r['accuracy_all'])} | {_pct(r['format_first5'])} | "
+                     f"{_pct(r['format_last5'])} |")
+    starved = [f"{ARMS[r['arm']]}'s {r['stage'].upper()} stage ({_pct(r['accuracy_all'])}%)" for r in rows
+               if r["accuracy_all"] < SIGNAL_FLOOR]
+    if starved:
+        lines += ["", f"**Caveat:** sampled training accuracy stayed below {_pct(SIGNAL_FLOOR)}% in "
+                  + ", ".join(starved) + ": almost every GRPO group was all wrong, so those updates followed the "
+                  "format reward alone and the comparison there says how each start survives format-only training, "
+                  "not how well each learns multimodal reasoning."]
+    return lines
+
+
 def _held_out_n(metrics: dict[str, Any], key: str) -> int:
     sizes = {name: spec["n"] for name, spec in metrics["settings"]["held_out"].items()}
     return sum(sizes[s] for s in MM_SETS) if key == "mm" else sizes[key]
@@ -111,6 +156,7 @@ def render(metrics: dict[str, Any], figures: list[str] | None = None) -> str:
         title = "multimodal (mean of the MM sets)" if key == "mm" else SET_TITLES.get(key, key)
         lines.append(f"| {title} | {', '.join(f'{100 * d:+.1f}' for d in c['diffs'])} | {100 * c['mean']:+.1f} | "
                      f"{100 * c['se']:.1f} | {c['verdict']} |")
+    lines += _signal_lines(metrics)
     for name in figures or []:
         lines += ["", f"![{Path(name).stem}]({name})"]
     lines += ["", "## Settings", ""] + _settings_lines(metrics)
@@ -193,7 +239,8 @@ def curve(run_curves: list[tuple[int, list[list[float]]]]) -> list[tuple[int, fl
 
 
 def draw_figures(metrics: dict[str, Any], out: Path) -> list[str]:
-    """learning_curves.png (training reward and held-out accuracy vs RL step, the stage switch marked) and
+    """learning_curves.png (training reward, sampled training accuracy and held-out accuracy vs RL step, the stage
+    switch marked) and
     final_accuracy.png (end-of-training accuracy per arm and set, seeds as dots); returns their names."""
     import matplotlib
 
@@ -202,17 +249,20 @@ def draw_figures(metrics: dict[str, Any], out: Path) -> list[str]:
 
     s, sets = metrics["settings"], _sets(metrics)
     colours = {"direct_mgt": "tab:orange", "fre_mgt": "tab:blue", "base": "tab:gray"}
-    fig, axes = plt.subplots(1, 1 + len(sets), figsize=(4.2 * (1 + len(sets)), 3.4))
-    for arm in ("direct_mgt", "fre_mgt"):
-        for seed in s["seeds"]:
-            pieces = [(r["first_step"], r["curves"].get("reward", [])) for r in metrics["runs"]
-                      if r["arm"] == arm and r["seed"] == seed]
-            xy = _smooth(curve(pieces))
-            axes[0].plot([x for x, _ in xy], [y for _, y in xy], color=colours[arm], alpha=0.8, lw=1.2,
-                         label=ARMS[arm] if seed == s["seeds"][0] else None)
-    axes[0].set_title("training reward (5-step mean)")
-    axes[0].set_ylabel("reward (format 0.5 + accuracy 1.0)")
-    for ax, name in zip(axes[1:], sets):
+    fig, axes = plt.subplots(1, 2 + len(sets), figsize=(4.2 * (2 + len(sets)), 3.4))
+    for ax, name, title, ylabel in ((axes[0], "reward", "training reward (5-step mean)",
+                                     "reward (format 0.5 + accuracy 1.0)"),
+                                    (axes[1], "accuracy", "sampled training accuracy (5-step mean)", "accuracy")):
+        for arm in ("direct_mgt", "fre_mgt"):
+            for seed in s["seeds"]:
+                pieces = [(r["first_step"], r["curves"].get(name, [])) for r in metrics["runs"]
+                          if r["arm"] == arm and r["seed"] == seed]
+                xy = _smooth(curve(pieces))
+                ax.plot([x for x, _ in xy], [y for _, y in xy], color=colours[arm], alpha=0.8, lw=1.2,
+                        label=ARMS[arm] if seed == s["seeds"][0] else None)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    for ax, name in zip(axes[2:], sets):
         ax.axhline(100 * metrics["base"][name], color=colours["base"], ls=":", lw=1, label="base")
         for arm in ("direct_mgt", "fre_mgt"):
             for seed in s["seeds"]:
@@ -230,7 +280,7 @@ def draw_figures(metrics: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel(f"RL step (dashed: FRE→MGT's switch at {s['fre_steps']})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     names = ["learning_curves.png", "final_accuracy.png"]
     fig.savefig(out / names[0], dpi=80)
