@@ -140,8 +140,9 @@ def test_report_table_is_a_function_of_the_metrics(tmp_path):
                  "| held-out text | +20.0, +20.0 | +20.0 | 0.0 | held |",
                  "| held-out MM arithmetic | +10.0, +20.0 | +15.0 | 5.0 | held |",
                  "| multimodal (mean of the MM sets) | +10.0, +15.0 | +12.5 | 2.5 | held |",
-                 "**The claim held in miniature** (2 seeds; rule: a difference counts when it is positive and above "
-                 "two standard errors).",
+                 "**The claim held in miniature** as a comparison of FRE→MGT against direct-MGT (2 seeds; rule: a "
+                 "difference counts when it is positive and above two standard errors).",
+                 "Against the base model (15.0, mean of the MM sets): direct-MGT +17.5, FRE→MGT +30.0 points.",
                  # sampled training rewards (first 5 steps, last 5, all 6), FRE->MGT's the mean of seeds 0.2 and 0.3
                  "| direct-MGT | MGT | 0.0 | 12.0 | 10.0 | 50.0 | 60.0 |",
                  "| FRE→MGT | MGT | 25.0 | 37.0 | 35.0 | 50.0 | 60.0 |"]:
