@@ -148,6 +148,12 @@ def test_report_table_is_a_function_of_the_metrics(tmp_path):
                  "| FRE→MGT | MGT | 25.0 | 37.0 | 35.0 | 50.0 | 60.0 |"]:
         assert line in text, line
     assert "**Caveat:**" not in text  # 10% > the 2% floor: no caveat
+    assert "- Study: 10.0 min (base evaluation 0.5 min)" in text
+    metrics["wall_s"] |= {"study": 6.0, "runs": 600.0}  # a rerun that reused every finished run
+    assert "- Study: 10.0 min, the sum of the runs' own times (this invocation 0.1 min: it reused runs finished " \
+        "earlier)" in report.render(metrics)
+    metrics["run_commits"] = ["abc1234", "def5678"]
+    assert "- Code: the runs ran at commit abc1234, def5678." in report.render(metrics)
     for r in metrics["runs"]:
         if r["arm"] == "direct_mgt":
             r["curves"]["accuracy"] = [[1, 0.0], [2, 0.0]]

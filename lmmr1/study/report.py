@@ -86,15 +86,14 @@ def training_signal(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for arm, stage in (("direct_mgt", "mgt"), ("fre_mgt", "fre"), ("fre_mgt", "mgt")):
         runs = [r for r in metrics["runs"] if r["arm"] == arm and r["stage"] == stage]
+        curves = {name: [[v for _, v in r["curves"].get(name, [])] for r in runs] for name in ("accuracy", "format")}
+        if not runs or not all(all(per_seed) for per_seed in curves.values()):
+            continue  # a run that logged neither curve
         row = {"arm": arm, "stage": stage}
-        for name in ("accuracy", "format"):
-            series = [[v for _, v in r["curves"].get(name, [])] for r in runs]
-            if not all(series) or not series:
-                break
+        for name, per_seed in curves.items():
             for part, cut in (("first5", slice(0, 5)), ("last5", slice(-5, None)), ("all", slice(None))):
-                row[f"{name}_{part}"] = statistics.mean(statistics.mean(values[cut]) for values in series)
-        else:
-            rows.append(row)
+                row[f"{name}_{part}"] = statistics.mean(statistics.mean(values[cut]) for values in per_seed)
+        rows.append(row)
     return rows
 
 
@@ -229,11 +228,16 @@ def _time_lines(metrics: dict[str, Any]) -> list[str]:
     step_times = [v for r in metrics["runs"] for _, v in r["curves"].get("step_time", [])]
     per_step = f"{statistics.mean(step_times):.1f} s" if step_times else "n/a"
     align = f"{w['alignment'] / 60:.1f} min (done in this run)" if w["alignment"] else "reused from the cache"
-    return [f"- Study: {w['study'] / 60:.1f} min (base evaluation {w['base_eval'] / 60:.1f} min); alignment: {align}.",
+    study = f"{w['study'] / 60:.1f} min"
+    if w.get("runs", 0) > w["study"] + 60:  # finished runs were reused: their own times are the study's cost
+        study = (f"{w['runs'] / 60:.1f} min, the sum of the runs' own times (this invocation {w['study'] / 60:.1f} "
+                 "min: it reused runs finished earlier)")
+    commits = metrics.get("run_commits") or [metrics.get("commit") or "unknown"]
+    return [f"- Study: {study} (base evaluation {w['base_eval'] / 60:.1f} min); alignment: {align}.",
             f"- Mean RL step: {per_step}; runs: "
             + ", ".join(f"{r['arm']}/{r['stage']}/seed {r['seed']} {r['wall_s'] / 60:.1f} min" for r in metrics["runs"])
             + ".",
-            f"- Code: commit {metrics.get('commit') or 'unknown'}.",
+            f"- Code: the runs ran at commit {', '.join(commits)}.",
             f"- Machine: {m['cores']} cores, load average at the end {m['load_average']} (shared machine), "
             f"Python {m['python']}, torch {m['torch']}."]
 

@@ -115,7 +115,8 @@ def run_once(name: str, work: Path, args: list[str], run: Runner = lmmr1) -> dic
     root.mkdir(parents=True)
     print(f"reproduce-mini: {name}: lmmr1 {' '.join(args)}", flush=True)
     seconds = run(*args, log=root / "log.txt")
-    record = {"args": args, "inputs": inputs, "wall_s": round(seconds, 1), **collect_run(root, SETS)}
+    record = {"args": args, "inputs": inputs, "wall_s": round(seconds, 1), "commit": _commit(),
+              **collect_run(root, SETS)}
     done.write_text(json.dumps(record))
     print(f"reproduce-mini: {name}: {seconds:.0f} s, held-out accuracy {record['eval']}", flush=True)
     return record
@@ -172,15 +173,16 @@ def study(variant: str, work: Path, settings: dict[str, Any] | None = None, mode
         "base": base["eval"],
         "runs": [{k: v for k, v in run.items() if k not in ("args", "inputs")} for run in runs],
         "wall_s": {"study": round(time.monotonic() - start - align_s, 1), "alignment": round(align_s, 1),
-                   "base_eval": base["wall_s"]},
+                   "base_eval": base["wall_s"], "runs": round(base["wall_s"] + sum(r["wall_s"] for r in runs), 1)},
         "machine": {"cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version(), "torch": _version("torch")},
         "commit": _commit(),
+        "run_commits": sorted({r["commit"] for r in [base, *runs] if r.get("commit")}),  # a reused run keeps its own
     }
 
 
 def _commit() -> str | None:
-    """The git commit the study ran at (with "+changes" when the work tree differs from it); None outside git."""
+    """The current git commit (with "+changes" when the work tree differs from it); None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
