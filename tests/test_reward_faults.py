@@ -83,6 +83,23 @@ def test_item_that_kills_two_workers_scores_zero_and_the_batch_completes(reward)
 
 
 @pytest.mark.timeout(60)
+def test_a_worker_that_said_ready_and_died_before_it_was_read_gets_no_item(reward):
+    """The warm-up call needed one worker; the other's "ready" is still unread in its pipe when both die. Reading that
+    message must not make a dead worker eligible: the item retried after the first death would die with it too and be
+    scored 0 as a crash it did not cause."""
+    late = [w for w in reward.pool._pool if not w.ready]
+    if not late:
+        pytest.skip("both workers were ready after the warm-up call")
+    assert late[0].conn.poll(20)  # its "ready" is waiting, unread
+    for worker in reward.pool._pool:
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join(5)
+    out = reward([A(k) for k in range(4)], [{"answer": "2"}] * 4)
+    assert out.total == [0.0, 0.0, 1.0, 0.0]
+    assert out.stats["accuracy/worker_deaths"] == 2 and out.stats["accuracy/crashes"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_workers_killed_between_batches_or_while_starting_are_replaced(reward):
     for worker in reward.pool._pool:  # whether idle or still starting, both die before the next batch
         os.kill(worker.process.pid, signal.SIGKILL)

@@ -226,7 +226,8 @@ class VerifyPool:
                 retry.remove(job)
                 finish(job, (0.0, CRASH))
             for worker in self._pool:
-                if worker.ready and worker.job is None and (retry or pending):
+                # is_alive: a worker can die after its "ready" was sent and before it was read; its sentinel fires below
+                if worker.ready and worker.job is None and (retry or pending) and worker.process.is_alive():
                     job = worker.job = (retry or pending).popleft()
                     if not tries[job]:
                         sent[job] = time.monotonic()
